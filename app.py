@@ -1,0 +1,83 @@
+"""LoRA Lab: ``python app.py`` serves the dashboard on http://127.0.0.1:7860.
+
+Only wiring and launch live here; the tabs are in ``ui/``, the work in ``engine/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+PROJECT_ROOT = Path(__file__).resolve().parent
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="LoRA Lab dashboard")
+    parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                        help="address to bind (default 127.0.0.1: this machine only)")
+    parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    parser.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs")
+    parser.add_argument("--exports-dir", type=Path, default=PROJECT_ROOT / "exports")
+    parser.add_argument("--auth", help="user:password, or a file with one user:password per line")
+    parser.add_argument("--max-upload-mb", type=int, default=200, help="largest accepted upload")
+    return parser.parse_args(argv)
+
+
+def parse_auth(value: str | None) -> list[tuple[str, str]] | None:
+    if not value:
+        return None
+    lines = Path(value).read_text(encoding="utf-8").splitlines() if Path(value).is_file() else [value]
+    pairs = [tuple(line.strip().split(":", 1)) for line in lines if ":" in line and not line.startswith("#")]
+    if not pairs:
+        raise SystemExit("--auth needs user:password, or a file of user:password lines")
+    return [(user, password) for user, password in pairs]
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    auth = parse_auth(args.auth)
+    if not is_loopback(args.host) and not auth:
+        print(f"WARNING: serving on {args.host} without --auth: anyone who can reach this port can train "
+              "models and read your runs. Add --auth user:password.", file=sys.stderr)
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    args.runs_dir.mkdir(parents=True, exist_ok=True)
+    args.exports_dir.mkdir(parents=True, exist_ok=True)
+
+    from engine.gpu import GpuSampler
+    from engine.jobs import JobManager
+    from ui.context import AppContext
+    from ui.layout import CSS, build_app
+
+    sampler = GpuSampler(interval_s=1.0)
+    sampler.start()
+    jobs = JobManager(args.runs_dir, sampler=sampler).start()
+    ctx = AppContext(runs_dir=args.runs_dir.resolve(), exports_dir=args.exports_dir.resolve(), jobs=jobs,
+                     sampler=sampler, max_upload_mb=args.max_upload_mb)
+    demo = build_app(ctx)
+    demo.queue(default_concurrency_limit=4)
+    demo.launch(
+        server_name=args.host,
+        server_port=args.port,
+        auth=auth,
+        max_file_size=f"{args.max_upload_mb}mb",
+        allowed_paths=[str(ctx.exports_dir)],
+        enable_monitoring=False,
+        css=CSS,
+        show_error=False,
+    )
+
+
+if __name__ == "__main__":
+    main()

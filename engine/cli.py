@@ -1,0 +1,192 @@
+"""The training commands of ``python -m engine``: train, runs, stop, resume, show.
+
+They work on the same run directories as the dashboard, so a run started here shows up
+in the browser and a run started in the browser can be stopped here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+from engine import runs
+from engine.errors import LoraLabError
+
+DEFAULT_RUNS_DIR = Path(os.environ.get("LORALAB_RUNS_DIR", "runs"))
+
+
+def _runs_dir_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--runs-dir", type=Path, default=DEFAULT_RUNS_DIR, help="folder of run directories")
+
+
+def _fail(error: LoraLabError) -> int:
+    print(f"error: {error}", file=sys.stderr)
+    return 2
+
+
+def follow(run_dir: Path, process=None) -> str:
+    """Print a progress bar from the run directory until the run ends; Ctrl-C asks it to stop."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, desc=run_dir.name)
+    interrupts = 0
+    offset = 0
+    last_state = None
+    while True:
+        try:
+            status = runs.read_status(run_dir)
+            state = status.get("state")
+            if status.get("max_steps") and bar.total != status["max_steps"]:
+                bar.total = status["max_steps"]
+                bar.refresh()
+            records, offset = runs.read_jsonl(runs.RunPaths(run_dir).metrics, offset)
+            for record in records:
+                if record.get("event") == "eval":
+                    bar.write(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
+                elif record.get("loss") is not None:
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=record.get("tokens_per_second"))
+            bar.n = status.get("step", 0)
+            bar.refresh()
+            if state != last_state:
+                bar.write(f"[{state}] {status.get('message', '')}")
+                last_state = state
+            if state in runs.TERMINAL_STATES and (process is None or process.poll() is not None):
+                break
+            if process is not None and process.poll() is not None and state not in runs.TERMINAL_STATES:
+                from engine.jobs import mark_dead_worker
+
+                mark_dead_worker(run_dir, process.returncode)
+                continue
+            time.sleep(0.5)
+        except KeyboardInterrupt:
+            interrupts += 1
+            if interrupts == 1:
+                runs.RunPaths(run_dir).stop_request.touch()
+                bar.write("stop requested: finishing the current step and saving (Ctrl-C again to kill)")
+            elif process is not None:
+                os.killpg(process.pid, signal.SIGKILL)
+                runs.update_status(run_dir, "stopped", message="Stopped by force (a second Ctrl-C).")
+    bar.close()
+    status = runs.read_status(run_dir)
+    for sentence in status.get("fallbacks", []):
+        print(f"note: {sentence}")
+    if status.get("error"):
+        print(f"{status['state']}: {status['error']}", file=sys.stderr)
+    print(f"run {run_dir.name}: {status.get('state')} ({run_dir})")
+    return status.get("state", "unknown")
+
+
+def train_main(argv: list[str]) -> int:
+    from engine.config import load_preset
+
+    parser = argparse.ArgumentParser(prog="python -m engine train", description="Start a training run and follow it.")
+    parser.add_argument("preset", help="preset name (demo-lora) or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a field, e.g. --set train.max_steps=50 (repeatable)")
+    parser.add_argument("--name", help="run name (default: timestamp and method)")
+    parser.add_argument("--detach", action="store_true", help="start the worker and return at once")
+    _runs_dir_arg(parser)
+    args = parser.parse_args(argv)
+    try:
+        config = load_preset(args.preset, args.overrides).validate()
+        run_dir = runs.create_run(args.runs_dir, config, name=args.name)
+    except LoraLabError as error:
+        return _fail(error)
+    from engine.jobs import spawn_worker
+
+    process = spawn_worker(run_dir)
+    print(f"run {run_dir.name} started (worker pid {process.pid}); log: {runs.RunPaths(run_dir).log}")
+    if args.detach:
+        return 0
+    state = follow(run_dir, process)
+    return {"completed": 0, "stopped": 3}.get(state, 1)
+
+
+def runs_main(argv: list[str]) -> int:
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m engine runs", description="List runs.")
+    parser.add_argument("--json", action="store_true")
+    _runs_dir_arg(parser)
+    args = parser.parse_args(argv)
+    rows = [summary.as_row() for summary in runs.list_runs(args.runs_dir)]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no runs in {args.runs_dir}")
+        return 0
+    columns = list(rows[0])
+    widths = {c: max(len(c), *(len(str(r[c] if r[c] is not None else "-")) for r in rows)) for c in columns}
+    print("  ".join(c.ljust(widths[c]) for c in columns))
+    for row in rows:
+        print("  ".join(str(row[c] if row[c] is not None else "-").ljust(widths[c]) for c in columns))
+    return 0
+
+
+def stop_main(argv: list[str]) -> int:
+    from engine.jobs import request_stop
+
+    parser = argparse.ArgumentParser(prog="python -m engine stop", description="Stop a run (twice, or --force: kill).")
+    parser.add_argument("run")
+    parser.add_argument("--force", action="store_true")
+    _runs_dir_arg(parser)
+    args = parser.parse_args(argv)
+    try:
+        outcome = request_stop(runs.resolve_run(args.runs_dir, args.run), force=args.force)
+    except LoraLabError as error:
+        return _fail(error)
+    print({"requested": "stop requested: the worker finishes its step, saves and exits",
+           "killed": "worker killed"}[outcome])
+    return 0
+
+
+def resume_main(argv: list[str]) -> int:
+    from engine.jobs import spawn_worker
+
+    parser = argparse.ArgumentParser(prog="python -m engine resume", description="Resume from the last checkpoint.")
+    parser.add_argument("run")
+    parser.add_argument("--detach", action="store_true")
+    _runs_dir_arg(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_dir = runs.resolve_run(args.runs_dir, args.run)
+        state = runs.read_status(run_dir).get("state")
+        if state not in ("stopped", "interrupted", "failed"):
+            raise runs.RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
+    except LoraLabError as error:
+        return _fail(error)
+    process = spawn_worker(run_dir, resume=True)
+    if args.detach:
+        return 0
+    return {"completed": 0, "stopped": 3}.get(follow(run_dir, process), 1)
+
+
+def show_main(argv: list[str]) -> int:
+    import json
+
+    parser = argparse.ArgumentParser(prog="python -m engine show", description="Show one run.")
+    parser.add_argument("run")
+    parser.add_argument("--log-lines", type=int, default=20)
+    _runs_dir_arg(parser)
+    args = parser.parse_args(argv)
+    try:
+        run_dir = runs.resolve_run(args.runs_dir, args.run)
+    except LoraLabError as error:
+        return _fail(error)
+    status = runs.read_status(run_dir)
+    print(json.dumps({k: v for k, v in status.items() if k != "history"}, indent=2, default=str))
+    print("--- train.log (tail)")
+    print(runs.log_tail(run_dir, args.log_lines))
+    return 0
+
+
+def demo_main(argv: list[str]) -> int:
+    from engine.demo import ensure_demo_model
+
+    print(ensure_demo_model())
+    return 0

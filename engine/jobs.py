@@ -1,0 +1,286 @@
+"""Starting, stopping, queueing and recovering training workers.
+
+One training job at a time per machine (one GPU), a FIFO queue behind it. Workers are
+separate processes in their own session, writing to their run directory; their output
+goes to ``train.log`` (a file, never a pipe nobody drains). Because the run directory is
+the truth, a restarted dashboard finds its runs again: a worker still alive is adopted,
+a dead one's run is marked ``interrupted``, queued runs are queued again.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+
+from engine import runs
+from engine.errors import RunError
+from engine.runs import ACTIVE_STATES, TERMINAL_STATES, RunPaths, update_status
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+FORCE_STOP_AFTER_S = 120.0  # a graceful stop that has not finished by then is forced
+
+
+def worker_command(run_dir: Path, resume: bool) -> list[str]:
+    return [sys.executable, "-m", "engine.worker", str(run_dir)] + (["--resume"] if resume else [])
+
+
+def spawn_worker(run_dir: Path, resume: bool = False) -> subprocess.Popen:
+    """Start the worker detached (own session), stdout+stderr appended to train.log."""
+    paths = RunPaths(run_dir)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
+    env.setdefault("PYTHONUNBUFFERED", "1")
+    with open(paths.log, "ab") as log_file:
+        process = subprocess.Popen(
+            worker_command(run_dir, resume), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            cwd=PROJECT_ROOT, env=env, start_new_session=True,
+        )
+    update_status(run_dir, "loading", pid=process.pid, message="Starting the worker process.", error=None,
+                  worker_started_at=time.time())
+    return process
+
+
+def worker_alive(run_dir: Path, pid: int | None) -> bool:
+    """Whether ``pid`` is still this run's worker (a reused pid is not)."""
+    if not pid:
+        return False
+    try:
+        process = psutil.Process(pid)
+        if process.status() == psutil.STATUS_ZOMBIE:
+            return False
+        cmdline = " ".join(process.cmdline())
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return False
+    return "engine.worker" in cmdline and Path(run_dir).name in cmdline
+
+
+def describe_exit(returncode: int | None) -> str:
+    if returncode is not None and returncode < 0:
+        number = -returncode
+        name = signal.Signals(number).name if number in signal.Signals._value2member_map_ else f"signal {number}"
+        hint = " (the system's out-of-memory killer or a kill command)" if number == signal.SIGKILL else ""
+        return f"The worker process was killed by {name}{hint}."
+    if returncode is None:
+        return "The worker process ended unexpectedly."
+    return f"The worker process exited with code {returncode} without recording why."
+
+
+def mark_dead_worker(run_dir: Path, returncode: int | None, interrupted: bool = False) -> None:
+    """A worker gone without a final status: say so in status.json."""
+    status = runs.read_status(run_dir)
+    if status.get("state") in TERMINAL_STATES:
+        return
+    step = status.get("step", 0)
+    checkpoint = runs.latest_checkpoint(run_dir)
+    resume_hint = (f" Resume continues from {checkpoint.name}." if checkpoint else
+                   " No checkpoint was saved yet, so resume starts over.")
+    if interrupted:
+        update_status(run_dir, "interrupted", message="Interrupted.",
+                      error=f"The worker was no longer running when the dashboard (re)started; last step {step}."
+                            + resume_hint)
+    else:
+        update_status(run_dir, "failed", message="Failed.",
+                      error=f"{describe_exit(returncode)} Last recorded step: {step}." + resume_hint)
+
+
+@dataclass
+class ActiveJob:
+    run_dir: Path
+    process: subprocess.Popen | None  # None for a worker adopted after a dashboard restart
+    pid: int
+    stop_requested_at: float | None = None
+
+
+class JobManager:
+    """The dashboard's (or a test's) view of training jobs. Thread-safe; polls, never blocks the UI."""
+
+    def __init__(self, runs_dir: Path, sampler=None, poll_s: float = 0.5, recover: bool = True):
+        self.runs_dir = Path(runs_dir)
+        self.runs_dir.mkdir(parents=True, exist_ok=True)
+        self.sampler = sampler
+        self.poll_s = poll_s
+        self.queue: deque[tuple[Path, bool]] = deque()
+        self.active: ActiveJob | None = None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        if recover:
+            self.recover()
+
+    # ------------------------------------------------------------------ lifecycle
+    def start(self) -> "JobManager":
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="loralab-jobs", daemon=True)
+            self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        """Stop polling. Running workers are left running: they belong to their run directory."""
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.poll()
+            except Exception as error:  # noqa: BLE001 - the manager must outlive any single bad run
+                print(f"job manager: {error}", file=sys.stderr)
+            self._stop.wait(self.poll_s)
+
+    # ------------------------------------------------------------------ actions
+    def submit(self, config, name: str | None = None) -> Path:
+        """Validate, create the run directory and queue it; returns the run directory."""
+        config.validate()
+        run_dir = runs.create_run(self.runs_dir, config, name=name)
+        with self._lock:
+            self.queue.append((run_dir, False))
+            self._refresh_queue_messages()
+        self.poll()
+        return run_dir
+
+    def resume(self, name: str) -> Path:
+        run_dir = runs.resolve_run(self.runs_dir, name)
+        state = runs.read_status(run_dir).get("state")
+        if state not in ("stopped", "interrupted", "failed"):
+            raise RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
+        with self._lock:
+            update_status(run_dir, "queued", message="Queued to resume.", error=None)
+            self.queue.append((run_dir, True))
+            self._refresh_queue_messages()
+        self.poll()
+        return run_dir
+
+    def stop(self, name: str, force: bool = False) -> str:
+        """Graceful first (finish the step, save, exit); a second call or ``force`` kills."""
+        run_dir = runs.resolve_run(self.runs_dir, name)
+        with self._lock:
+            for item in list(self.queue):
+                if item[0] == run_dir:
+                    self.queue.remove(item)
+                    update_status(run_dir, "stopped", message="Removed from the queue before it started.")
+                    self._refresh_queue_messages()
+                    return "dequeued"
+            job = self.active if self.active and self.active.run_dir == run_dir else None
+        if job is None:
+            status = runs.read_status(run_dir)
+            if status.get("state") in ACTIVE_STATES and worker_alive(run_dir, status.get("pid")):
+                # A worker this manager does not own (started from the CLI): same protocol.
+                return request_stop(run_dir, force=force)
+            raise RunError(f"Run '{run_dir.name}' is not running.")
+        if force or job.stop_requested_at is not None:
+            self._kill(job, reason="Stopped by force (a second stop request).")
+            return "killed"
+        job.stop_requested_at = time.time()
+        RunPaths(run_dir).stop_request.touch()
+        update_status(run_dir, message="Stop requested: finishing the current step.")
+        return "requested"
+
+    def _kill(self, job: ActiveJob, reason: str) -> None:
+        try:
+            os.killpg(job.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        if job.process is not None:
+            job.process.wait(timeout=10)
+        checkpoint = runs.latest_checkpoint(job.run_dir)
+        update_status(job.run_dir, "stopped", message=reason,
+                      error=None if checkpoint else "No checkpoint had been saved; resume starts over.")
+        RunPaths(job.run_dir).stop_request.unlink(missing_ok=True)
+
+    # ------------------------------------------------------------------ polling
+    def poll(self) -> None:
+        """Reap a finished worker, force a stop that timed out, start the next queued run."""
+        with self._lock:
+            job = self.active
+            if job is not None:
+                returncode = job.process.poll() if job.process else (
+                    None if worker_alive(job.run_dir, job.pid) else -999)
+                if returncode is not None:
+                    mark_dead_worker(job.run_dir, None if returncode == -999 else returncode)
+                    self._detach_sampler()
+                    self.active = None
+                elif job.stop_requested_at and time.time() - job.stop_requested_at > FORCE_STOP_AFTER_S:
+                    self._kill(job, reason=f"Stopped by force: the graceful stop took over {FORCE_STOP_AFTER_S:.0f} s.")
+                    self._detach_sampler()
+                    self.active = None
+            if self.active is None and self.queue:
+                run_dir, resume = self.queue.popleft()
+                process = spawn_worker(run_dir, resume=resume)
+                self.active = ActiveJob(run_dir=run_dir, process=process, pid=process.pid)
+                if self.sampler is not None:
+                    self.sampler.attach(run_dir, process.pid)
+                self._refresh_queue_messages()
+
+    def _detach_sampler(self) -> None:
+        if self.sampler is not None:
+            self.sampler.detach()
+
+    def _refresh_queue_messages(self) -> None:
+        for position, (run_dir, _) in enumerate(self.queue, start=1):
+            update_status(run_dir, "queued", message=f"Queued: position {position}, behind the running job.")
+
+    # ------------------------------------------------------------------ restart recovery
+    def recover(self) -> None:
+        """Make the run directories tell the truth after a restart (see module docstring)."""
+        queued = []
+        for summary in runs.list_runs(self.runs_dir):
+            status = runs.read_status(summary.path)
+            state = status.get("state")
+            if state in ACTIVE_STATES:
+                if worker_alive(summary.path, status.get("pid")) and self.active is None:
+                    self.active = ActiveJob(run_dir=summary.path, process=None, pid=status["pid"])
+                    if self.sampler is not None:
+                        self.sampler.attach(summary.path, status["pid"])
+                elif not worker_alive(summary.path, status.get("pid")):
+                    mark_dead_worker(summary.path, None, interrupted=True)
+            elif state == "queued":
+                queued.append((status.get("updated_at", 0), summary.path))
+        for _, run_dir in sorted(queued):
+            self.queue.append((run_dir, runs.latest_checkpoint(run_dir) is not None))
+
+    # ------------------------------------------------------------------ reading
+    def queue_names(self) -> list[str]:
+        with self._lock:
+            return [run_dir.name for run_dir, _ in self.queue]
+
+    def active_name(self) -> str | None:
+        with self._lock:
+            return self.active.run_dir.name if self.active else None
+
+
+def request_stop(run_dir: Path, force: bool = False, timeout_s: float = FORCE_STOP_AFTER_S) -> str:
+    """Stop a worker owned by nobody in this process (the CLI's ``stop``): same file protocol."""
+    status = runs.read_status(run_dir)
+    pid = status.get("pid")
+    if not worker_alive(run_dir, pid):
+        raise RunError(f"Run '{Path(run_dir).name}' has no live worker.")
+    paths = RunPaths(run_dir)
+    if force or paths.stop_request.exists():
+        os.killpg(pid, signal.SIGKILL)
+        update_status(run_dir, "stopped", message="Stopped by force (a second stop request).")
+        paths.stop_request.unlink(missing_ok=True)
+        return "killed"
+    paths.stop_request.touch()
+    update_status(run_dir, message="Stop requested: finishing the current step.")
+    return "requested"
+
+
+def wait_for_state(run_dir: Path, states, timeout_s: float, poll_s: float = 0.2) -> str | None:
+    """Block until the run reaches one of ``states`` (tests and the CLI use this)."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = runs.read_status(run_dir).get("state")
+        if state in states:
+            return state
+        time.sleep(poll_s)
+    return runs.read_status(run_dir).get("state")

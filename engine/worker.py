@@ -1,0 +1,429 @@
+"""The training process: one per run, ``python -m engine.worker RUN_DIR [--resume]``.
+
+Reads ``config.yaml`` from the run directory and writes everything else there: status
+transitions, one metrics line per log/eval event, the adapter, checkpoints and lineage.
+It is TRL's ``SFTTrainer`` with a PEFT config (and bitsandbytes for QLoRA) plus a small
+callback; the worker adds only what a dashboard needs around it — honest fallbacks when
+the machine cannot do what was asked, a stop flag, and failures explained in words.
+
+Read top to bottom: ``main`` -> ``run_training`` -> ``build_*`` helpers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from engine import runs
+from engine.config import RunConfig
+from engine.errors import LoraLabError
+from engine.runs import RunPaths, add_fallback, update_status
+
+EXIT_FAILED = 1
+EXIT_STOPPED = 3
+
+
+def log(message: str) -> None:
+    """The worker's stdout is the run's train.log (the job manager redirects it to the file)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+# ----------------------------------------------------------------------------- environment decisions
+def decide_runtime(config: RunConfig, run_dir: Path) -> dict:
+    """What this machine can honour of the config; every change is said out loud."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    decisions = {"device": "cuda" if cuda else "cpu", "bf16": config.train.bf16, "optim": config.train.optim,
+                 "compute_dtype": config.quant.bnb_4bit_compute_dtype}
+
+    def fallback(sentence: str):
+        log(f"fallback: {sentence}")
+        add_fallback(run_dir, sentence)
+
+    if not cuda:
+        fallback("No CUDA GPU found: training runs on the CPU.")
+    if config.train.bf16 and not bf16_ok:
+        decisions["bf16"] = False
+        fallback("bf16 mixed precision needs a GPU that supports it: training in float32 instead.")
+    if config.train.optim.startswith("paged_") and not cuda:
+        decisions["optim"] = "adamw_torch"
+        fallback(f"{config.train.optim} pages optimizer state through CUDA unified memory: using adamw_torch instead.")
+    if config.train.optim in ("adamw_8bit", "adamw_bnb_8bit") and not cuda:
+        decisions["optim"] = "adamw_torch"
+        fallback(f"{config.train.optim} needs CUDA: using adamw_torch instead.")
+    if (config.quant.load_in_4bit or config.quant.load_in_8bit) and not cuda \
+            and config.quant.bnb_4bit_compute_dtype != "float32":
+        decisions["compute_dtype"] = "float32"
+        fallback(f"4-bit compute in {config.quant.bnb_4bit_compute_dtype} is slow on the CPU: computing in float32.")
+    if config.quant.bnb_4bit_compute_dtype == "bfloat16" and cuda and not bf16_ok:
+        decisions["compute_dtype"] = "float16"
+        fallback("This GPU has no bf16: 4-bit compute in float16 instead.")
+    return decisions
+
+
+def resolve_model_path(config: RunConfig) -> str:
+    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
+    from engine.hub import resolve_source
+
+    if config.model.name_or_path == DEMO_MODEL_NAME:
+        return str(ensure_demo_model(log=log))
+    return resolve_source(config.model.name_or_path, what="base model")
+
+
+# ----------------------------------------------------------------------------- builders
+def build_datasets(config: RunConfig):
+    """Train and eval rows through engine.data (the same code the Dataset tab uses)."""
+    from datasets import Dataset
+
+    from engine.data import load_dataset_rows, split_rows
+
+    data = config.data
+    train_loaded = load_dataset_rows(data.path, fmt=data.format, skip_bad=data.skip_bad_rows)
+    rows, eval_rows, eval_loaded = train_loaded.rows, [], None
+    if data.eval_path:
+        eval_loaded = load_dataset_rows(data.eval_path, fmt=data.format, skip_bad=data.skip_bad_rows,
+                                        split="eval" if data.eval_path == "demo" else "train")
+        eval_rows = eval_loaded.rows
+    elif data.eval_fraction > 0:
+        rows, eval_rows = split_rows(rows, data.eval_fraction, config.train.seed)
+    for warning in train_loaded.warnings:
+        log(f"data warning: {warning}")
+    lineage = {
+        "train": train_loaded.lineage(),
+        "eval": eval_loaded.lineage() if eval_loaded else (
+            {"held_out_from_train": True, "eval_fraction": data.eval_fraction, "num_rows": len(eval_rows)}
+            if eval_rows else None),
+        "train_rows_used": len(rows),
+    }
+    # Keep only the column TRL needs: extra columns from user files would confuse its format detection.
+    column = "text" if train_loaded.format == "text" else "messages"
+    to_dataset = lambda items: Dataset.from_list([{column: r[column]} for r in items]) if items else None
+    return to_dataset(rows), to_dataset(eval_rows), lineage
+
+
+def build_model(config: RunConfig, model_path: str, runtime: dict):
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    quant = config.quant
+    kwargs = dict(
+        revision=config.model.revision,
+        trust_remote_code=config.model.trust_remote_code,
+        attn_implementation=config.model.attn_implementation,
+    )
+    compute_dtype = getattr(torch, runtime["compute_dtype"])
+    if quant.load_in_4bit or quant.load_in_8bit:
+        update_status(_RUN_DIR, message="Loading and quantizing the base model with bitsandbytes.")
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=quant.load_in_4bit,
+            load_in_8bit=quant.load_in_8bit,
+            bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+            bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+            bnb_4bit_compute_dtype=compute_dtype,
+        )
+        kwargs["dtype"] = compute_dtype
+        if runtime["device"] == "cuda":
+            kwargs["device_map"] = {"": 0}
+    else:
+        kwargs["dtype"] = torch.bfloat16 if runtime["bf16"] else torch.float32
+    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
+    if quant.load_in_4bit or quant.load_in_8bit:
+        from peft import prepare_model_for_kbit_training
+
+        # Upcasts norms/embeddings to fp32 and wires input grads for checkpointing (QLoRA paper recipe).
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=config.train.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    return model
+
+
+def build_peft_config(config: RunConfig):
+    from peft import LoraConfig
+
+    lora = config.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def check_target_modules(model, config: RunConfig) -> None:
+    """A named target the model lacks fails here, in words, before any training."""
+    from engine.errors import ConfigError
+
+    targets = config.lora.target_modules
+    if targets == "all-linear":
+        return
+    import torch
+
+    linear_names = {name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+                    if isinstance(module, torch.nn.Linear) or "Linear" in type(module).__name__}
+    missing = [t for t in targets if t not in linear_names]
+    if missing:
+        raise ConfigError("lora.target_modules",
+                          f"{', '.join(missing)} not found in this model; its linear modules are "
+                          f"{', '.join(sorted(linear_names))} (or use all-linear).")
+
+
+def build_training_args(config: RunConfig, runtime: dict, has_eval: bool, paths: RunPaths, resuming: bool):
+    from trl import SFTConfig
+
+    train = config.train
+    return SFTConfig(
+        output_dir=str(paths.checkpoints),
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=runtime["optim"],
+        max_length=train.max_length,
+        packing=train.packing,
+        assistant_only_loss=train.assistant_only_loss,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
+        bf16=runtime["bf16"],
+        use_cpu=runtime["device"] == "cpu",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_steps,
+        # The base model's held-out loss, measured by the same evaluation loop: the
+        # baseline every run is judged against (the adapter starts as a no-op).
+        eval_on_start=has_eval and not resuming,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
+
+
+# ----------------------------------------------------------------------------- the callback
+def make_callback(run_dir: Path):
+    """Writes metrics.jsonl and status.json, and turns a stop_request file into a graceful stop."""
+    from transformers import TrainerCallback
+
+    paths = RunPaths(run_dir)
+
+    class RunDirectoryCallback(TrainerCallback):
+        def __init__(self):
+            self.started = time.time()
+            self.last_time = None
+            self.last_tokens = None
+            self.first_step = None
+            self.stop_requested = False
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.started = time.time()
+            self.first_step = state.global_step
+            self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
+            update_status(run_dir, "training", step=state.global_step, max_steps=state.max_steps,
+                          message="Training.", pid=os.getpid())
+
+        def _eta(self, state) -> float | None:
+            done = state.global_step - (self.first_step or 0)
+            if done <= 0 or not state.max_steps:
+                return None
+            return (time.time() - self.started) / done * (state.max_steps - state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = dict(logs or {})
+            now = time.time()
+            is_eval = any(k.startswith("eval_") for k in logs)
+            record = {"event": "eval" if is_eval else "log", "step": state.global_step,
+                      "epoch": round(state.epoch or 0.0, 4), "t": now, "elapsed_s": round(now - self.started, 3),
+                      "eta_s": self._eta(state)}
+            if is_eval:
+                record["eval_loss"] = logs.get("eval_loss")
+                record["eval_runtime_s"] = logs.get("eval_runtime")
+            elif "loss" in logs:
+                record.update(loss=logs.get("loss"), learning_rate=logs.get("learning_rate"),
+                              grad_norm=logs.get("grad_norm"))
+                tokens = state.num_input_tokens_seen
+                if tokens is not None and self.last_tokens is not None and now > self.last_time:
+                    record["tokens_per_second"] = round((tokens - self.last_tokens) / (now - self.last_time), 2)
+                record["tokens_seen"] = tokens
+                self.last_time, self.last_tokens = now, tokens
+            else:
+                return  # the end-of-training summary; status.json carries it
+            record.update(_torch_memory())
+            runs.append_jsonl(paths.metrics, record)
+            if is_eval and state.global_step == 0:
+                update_status(run_dir, baseline_eval_loss=record["eval_loss"])
+            update_status(run_dir, step=state.global_step, max_steps=state.max_steps, eta_s=record["eta_s"])
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if paths.stop_request.exists() and not self.stop_requested:
+                self.stop_requested = True
+                log(f"stop requested: finishing step {state.global_step}, then saving")
+                update_status(run_dir, "saving", message="Stop requested: saving the adapter and a checkpoint.")
+                control.should_training_stop = True
+                control.should_save = True
+            return control
+
+        def on_evaluate(self, args, state, control, **kwargs):
+            if not self.stop_requested:
+                update_status(run_dir, "training", message="Training.")
+
+        def on_prediction_step(self, args, state, control, **kwargs):
+            status = runs.read_status(run_dir)
+            if status.get("state") != "evaluating":
+                update_status(run_dir, "evaluating", message="Evaluating on the held-out rows.")
+
+        def on_save(self, args, state, control, **kwargs):
+            log(f"checkpoint saved at step {state.global_step}")
+
+    return RunDirectoryCallback()
+
+
+def _torch_memory() -> dict:
+    import torch
+
+    if not torch.cuda.is_available():
+        return {}
+    return {"torch_allocated_bytes": torch.cuda.memory_allocated(),
+            "torch_peak_allocated_bytes": torch.cuda.max_memory_allocated(),
+            "torch_reserved_bytes": torch.cuda.memory_reserved()}
+
+
+# ----------------------------------------------------------------------------- lineage
+def write_lineage(paths: RunPaths, config: RunConfig, model_path: str, data_lineage: dict) -> None:
+    from engine.lineage import model_lineage, software_lineage
+
+    lineage = {"base_model": model_lineage(config.model.name_or_path, model_path, config.model.revision),
+               "data": data_lineage, "software": software_lineage(), "method": config.method,
+               "written_at": time.time()}
+    runs.write_json_atomic(paths.lineage, lineage)
+
+
+# ----------------------------------------------------------------------------- the run
+_RUN_DIR: Path | None = None
+
+
+def run_training(run_dir: Path, resume: bool = False) -> str:
+    """Train; returns the final state ("completed" or "stopped"). Raises on failure."""
+    global _RUN_DIR
+    _RUN_DIR = run_dir
+    paths = RunPaths(run_dir)
+    update_status(run_dir, "loading", message="Loading the configuration.", pid=os.getpid(), error=None)
+    config = RunConfig.from_yaml(paths.config).validate()
+    log(f"run {run_dir.name}: method {config.method}, base {config.model.name_or_path}")
+
+    import torch  # noqa: F401  (heavy imports only once the config is known to be valid)
+    from transformers import AutoTokenizer
+    from trl import SFTTrainer
+
+    runtime = decide_runtime(config, run_dir)
+    update_status(run_dir, message="Finding the base model.")
+    model_path = resolve_model_path(config)
+    update_status(run_dir, message="Reading and tokenizing the dataset.")
+    train_dataset, eval_dataset, data_lineage = build_datasets(config)
+    write_lineage(paths, config, model_path, data_lineage)
+    log(f"data: {len(train_dataset)} train rows, {len(eval_dataset) if eval_dataset else 0} eval rows")
+
+    tokenizer = AutoTokenizer.from_pretrained(model_path, revision=config.model.revision,
+                                              trust_remote_code=config.model.trust_remote_code)
+    update_status(run_dir, message="Loading the base model.")
+    model = build_model(config, model_path, runtime)
+    check_target_modules(model, config)
+
+    checkpoint = runs.latest_checkpoint(run_dir) if resume else None
+    if resume and checkpoint is None:
+        log("resume asked for, but no checkpoint exists: starting from step 0")
+    args = build_training_args(config, runtime, eval_dataset is not None, paths, resuming=checkpoint is not None)
+    update_status(run_dir, message="Tokenizing the dataset.")
+    callback = make_callback(run_dir)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+                         processing_class=tokenizer, peft_config=build_peft_config(config), callbacks=[callback])
+    trainable, total = trainer.model.get_nb_trainable_parameters()
+    update_status(run_dir, trainable_parameters=trainable, total_parameters=total)
+    log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
+    if config.quant.load_in_4bit:
+        n4 = sum(1 for m in trainer.model.modules() if type(m).__name__ == "Linear4bit")
+        log(f"bitsandbytes Linear4bit layers: {n4}")
+        update_status(run_dir, linear4bit_layers=n4)
+
+    if paths.stop_request.exists():
+        paths.stop_request.unlink()
+    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+
+    stopped = callback.stop_requested
+    if not stopped and eval_dataset is not None and trainer.state.global_step % config.train.eval_steps != 0:
+        trainer.evaluate()  # the final eval loss, unless the last step just had one
+    update_status(run_dir, "saving", message="Saving the adapter.")
+    trainer.save_model(str(paths.adapter))
+    tokenizer.save_pretrained(str(paths.adapter))
+    if stopped:
+        trainer.save_state()
+        if paths.stop_request.exists():
+            paths.stop_request.unlink()
+    final = "stopped" if stopped else "completed"
+    update_status(run_dir, final, step=trainer.state.global_step,
+                  message=("Stopped on request; adapter and checkpoint saved. Resume continues from step "
+                           f"{trainer.state.global_step}.") if stopped else "Completed; adapter saved.")
+    log(f"run {final} at step {trainer.state.global_step}")
+    return final
+
+
+def explain_failure(error: BaseException) -> str:
+    """One paragraph a person can act on."""
+    text = str(error)
+    name = type(error).__name__
+    if isinstance(error, LoraLabError):
+        return text
+    if "out of memory" in text.lower() or name == "OutOfMemoryError":
+        return ("The GPU ran out of memory. Try QLoRA (4-bit base), a smaller per-device batch size with more "
+                "gradient accumulation, a shorter max_length, or turn on gradient checkpointing. The Memory tab "
+                "shows which term dominates. (" + text.splitlines()[0][:300] + ")")
+    if isinstance(error, (FileNotFoundError, OSError)) and ("does not appear to have" in text or "not found" in text):
+        return f"A file the run needs was not found: {text.splitlines()[0][:400]}"
+    if isinstance(error, KeyboardInterrupt):
+        return "The worker was interrupted."
+    first = text.splitlines()[0][:400] if text else ""
+    return f"Training failed with {name}: {first} The full traceback is in train.log."
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m engine.worker", description=__doc__.splitlines()[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
+    args = parser.parse_args(argv)
+    run_dir = args.run_dir.resolve()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        final = run_training(run_dir, resume=args.resume)
+        return 0 if final == "completed" else EXIT_STOPPED
+    except BaseException as error:  # noqa: BLE001 - the run directory must say why, whatever it was
+        traceback.print_exc()
+        reason = explain_failure(error)
+        log(f"failed: {reason}")
+        update_status(run_dir, "failed", message="Failed.", error=reason)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,64 @@
+"""Shared fixtures: the offline demo model and one real demo training run per session.
+
+Training is real (tiny model, CPU); the expensive pieces are session-scoped so the
+whole suite stays well under 20 minutes on 2 cores.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir() -> Path:
+    from engine.demo import ensure_demo_model
+
+    return ensure_demo_model()
+
+
+@pytest.fixture(scope="session")
+def session_runs_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("runs")
+
+
+def run_preset_to_end(runs_dir: Path, preset: str, overrides: list[str] = (), name: str | None = None,
+                      timeout: float = 600) -> Path:
+    """Train through the real worker process, exactly as the dashboard does; return the run dir."""
+    from engine import runs
+    from engine.config import load_preset
+    from engine.jobs import spawn_worker
+
+    config = load_preset(preset, list(overrides)).validate()
+    run_dir = runs.create_run(runs_dir, config, name=name)
+    process = spawn_worker(run_dir)
+    try:
+        process.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        raise
+    return run_dir
+
+
+@pytest.fixture(scope="session")
+def demo_lora_run(demo_model_dir, session_runs_dir) -> Path:
+    """The demo-lora preset with its defaults, trained once for the whole session."""
+    return run_preset_to_end(session_runs_dir, "demo-lora", name="demo-lora-session")
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    return ARTIFACTS

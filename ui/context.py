@@ -1,0 +1,20 @@
+"""What every tab shares: folders, the job manager, the GPU sampler, limits."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+
+@dataclass
+class AppContext:
+    runs_dir: Path
+    exports_dir: Path
+    jobs: Any = None  # engine.jobs.JobManager
+    sampler: Any = None  # engine.gpu.GpuSampler
+    max_upload_mb: int = 200
+    uploads_dir: Path | None = None
+    # Set by the Train tab: returns the current form as a RunConfig dict (the Memory tab uses it).
+    train_form_config: Callable[[], dict] | None = None
+    extras: dict = field(default_factory=dict)
