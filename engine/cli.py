@@ -32,7 +32,7 @@ def follow(run_dir: Path, process=None) -> str:
     """Print a progress bar from the run directory until the run ends; Ctrl-C asks it to stop."""
     from tqdm import tqdm
 
-    bar = tqdm(total=None, unit="step", dynamic_ncols=True, desc=run_dir.name)
+    bar = tqdm(total=None, unit="step", dynamic_ncols=True, desc=run_dir.name, mininterval=1.0)
     interrupts = 0
     offset = 0
     last_state = None
@@ -49,8 +49,9 @@ def follow(run_dir: Path, process=None) -> str:
                     bar.write(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
                 elif record.get("loss") is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=record.get("tokens_per_second"))
-            bar.n = status.get("step", 0)
-            bar.refresh()
+            step = status.get("step", 0) or 0
+            if step != bar.n:
+                bar.update(step - bar.n)
             if state != last_state:
                 bar.write(f"[{state}] {status.get('message', '')}")
                 last_state = state

@@ -354,6 +354,8 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     checkpoint = runs.latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log("resume asked for, but no checkpoint exists: starting from step 0")
+    elif checkpoint is not None:
+        log(f"resuming from {checkpoint.name}")
     args = build_training_args(config, runtime, eval_dataset is not None, paths, resuming=checkpoint is not None)
     update_status(run_dir, message="Tokenizing the dataset.")
     callback = make_callback(run_dir)
@@ -369,7 +371,9 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
 
     if paths.stop_request.exists():
         paths.stop_request.unlink()
-    trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    update_status(run_dir, train_runtime_s=result.metrics.get("train_runtime"),
+                  tokens_seen=trainer.state.num_input_tokens_seen)
 
     stopped = callback.stop_requested
     if not stopped and eval_dataset is not None and trainer.state.global_step % config.train.eval_steps != 0:
