@@ -1,0 +1,153 @@
+"""Export tab: ship a run as an adapter package or a merged model, verified, and download it.
+
+Layout and wiring only; exporting, verifying and zipping are ``engine.export`` functions
+(the same ones ``python -m engine export`` runs). One export runs at a time: a merge
+holds the whole base model in memory.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import gradio as gr
+
+KIND_LABELS = {"Adapter package (PEFT)": "adapter", "Merged model (standalone)": "merged"}
+EXPLANATION = (
+    "Make something to ship from a finished run. **Adapter package**: the PEFT adapter with the tokenizer and chat "
+    "template, for serving several adapters on one base. **Merged model**: the adapter merged into its base with "
+    "`merge_and_unload`, a standalone model in bf16 or fp16 safetensors. Every export is reloaded from disk and "
+    "checked against the run's model (logits and greedy decoding) before it is kept, and carries a model card "
+    "(`README.md`) and `lineage.json` naming the base model, data, metrics and software."
+)
+_export_lock = threading.Lock()
+
+
+def _error_text(error: Exception) -> str:
+    from engine.errors import LoraLabError
+
+    if isinstance(error, LoraLabError):
+        return f"**Export failed:** {error}"
+    return f"**Unexpected error** ({type(error).__name__}): {error}"
+
+
+# ----------------------------------------------------------------------------- handlers
+def run_choices(runs_dir: Path):
+    from engine.export import exportable_runs
+
+    names = exportable_runs(runs_dir)
+    return gr.update(choices=names, value=names[0] if names else None)
+
+
+def export_choices(exports_dir: Path, selected: str | None = None):
+    from engine.export import list_exports
+
+    names = [item["name"] for item in list_exports(exports_dir)]
+    return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
+
+
+def report_markdown(result) -> str:
+    """The verification report as a person reads it: verdict, numbers, one row per prompt."""
+    report = result.report
+    lines = [f"**Exported** `{result.name}` ({result.kind}, {result.dtype}, {result.size_bytes / 2**20:.1f} MiB) "
+             f"to `{result.path}`.", "", report.sentence(), "",
+             "| prompt | largest logit difference | greedy tokens matching |", "|---|---|---|"]
+    for row in report.per_prompt:
+        margin = row["divergence_margin"]
+        note = "" if margin is None else f" (diverged at a near tie, margin {margin:.3g})"
+        lines.append(f"| {row['prompt']} | {row['max_abs_logit_diff']:.3g} | {row['greedy_match']}{note} |")
+    gap = result.lineage.get("quantization_gap")
+    if result.lineage.get("quantization_note"):
+        lines += ["", f"QLoRA: {result.lineage['quantization_note']}"]
+    if gap:
+        lines += [f"On the 4-bit base it was trained with, the adapter's logits differ from the full-precision "
+                  f"reference by up to {gap['max_abs_logit_diff']:.3g} ({gap['relative']:.1%} of the logit scale)."]
+    lines += ["", "The model card is `README.md` in the export folder; prepare a zip below to download it."]
+    return "\n".join(lines)
+
+
+def do_export(ctx, run_name, kind_label, dtype, shard_size, name, overwrite, progress=None):
+    """Returns (status markdown, exports dropdown update)."""
+    from engine import runs
+    from engine.export import export_run
+
+    if not run_name:
+        return "**Export failed:** choose a run with an adapter first (press Refresh if it just finished).", gr.update()
+    if not _export_lock.acquire(blocking=False):
+        return "**Export not started:** another export is running; wait for it to finish.", gr.update()
+    try:
+        report = (lambda fraction, message: progress(fraction, desc=message)) if progress else None
+        run_dir = runs.resolve_run(ctx.runs_dir, run_name)
+        result = export_run(run_dir, ctx.exports_dir, kind=KIND_LABELS.get(kind_label, kind_label), dtype=dtype,
+                            max_shard_size=shard_size, name=(name or "").strip() or None, overwrite=bool(overwrite),
+                            progress=report)
+        return report_markdown(result), export_choices(ctx.exports_dir, result.name)
+    except Exception as error:  # noqa: BLE001 - shown as a sentence, never a stack trace
+        return _error_text(error), gr.update()
+    finally:
+        _export_lock.release()
+
+
+def do_zip(ctx, export_name, progress=None):
+    """Returns (zip status markdown, download button update)."""
+    from engine.export import zip_export
+
+    if not export_name:
+        return "Choose an export first.", gr.update(visible=False)
+    try:
+        report = (lambda fraction, message: progress(fraction, desc=message)) if progress else None
+        archive = zip_export(ctx.exports_dir, export_name, progress=report)
+    except Exception as error:  # noqa: BLE001
+        return _error_text(error), gr.update(visible=False)
+    size = archive.stat().st_size / 2**20
+    return (f"`{archive.name}` is ready ({size:.1f} MiB).",
+            gr.update(value=str(archive), visible=True, label=f"Download {archive.name}"))
+
+
+# ----------------------------------------------------------------------------- layout
+def build(ctx) -> None:
+    from engine.export import exportable_runs, list_exports
+
+    gr.Markdown(EXPLANATION)
+    runs_now = exportable_runs(ctx.runs_dir)
+    with gr.Row():
+        # Custom values are allowed so a run finished after page load can be typed or refreshed in;
+        # every name still goes through engine.runs.resolve_run, which refuses paths.
+        run = gr.Dropdown(label="Run (runs with a saved adapter)", choices=runs_now, allow_custom_value=True,
+                          value=runs_now[0] if runs_now else None, scale=4)
+        refresh = gr.Button("Refresh runs", size="sm", scale=1)
+    with gr.Row():
+        kind = gr.Radio(list(KIND_LABELS), value="Adapter package (PEFT)", label="What to export")
+        dtype = gr.Radio(["bf16", "fp16"], value="bf16", label="Merged dtype",
+                         info="Merged only. bf16 keeps fp32's range; fp16 is more precise but can overflow.")
+        shard = gr.Textbox(value="2GB", label="Max shard size", info="Merged only, e.g. 2GB, 500MB, 5GiB.")
+    with gr.Row():
+        name = gr.Textbox(label="Export name (optional)", placeholder="default: <run>-adapter or <run>-merged-<dtype>",
+                          scale=3)
+        overwrite = gr.Checkbox(value=False, label="Replace an export of the same name", scale=1)
+    export_button = gr.Button("Export and verify", variant="primary")
+    status = gr.Markdown(elem_classes=["loralab-status"])
+
+    gr.Markdown("#### Download")
+    exports_now = [item["name"] for item in list_exports(ctx.exports_dir)]
+    with gr.Row():
+        existing = gr.Dropdown(label="Export", choices=exports_now, value=exports_now[0] if exports_now else None,
+                               allow_custom_value=True, scale=4)
+        zip_button = gr.Button("Prepare zip", scale=1)
+    zip_status = gr.Markdown()
+    download = gr.DownloadButton("Download zip", visible=False)
+
+    def refresh_both():
+        return run_choices(ctx.runs_dir), export_choices(ctx.exports_dir)
+
+    def on_export(run_name, kind_label, dtype_value, shard_size, export_name, replace, progress=gr.Progress()):
+        return do_export(ctx, run_name, kind_label, dtype_value, shard_size, export_name, replace, progress)
+
+    def on_zip(export_name, progress=gr.Progress()):
+        return do_zip(ctx, export_name, progress)
+
+    refresh.click(refresh_both, outputs=[run, existing], api_name="export_refresh")
+    export_button.click(on_export, inputs=[run, kind, dtype, shard, name, overwrite], outputs=[status, existing],
+                        api_name="export_run")
+    existing.change(lambda _: gr.update(visible=False), inputs=existing, outputs=download, api_name=False)
+    zip_button.click(on_zip, inputs=existing, outputs=[zip_status, download], api_name="export_zip")
