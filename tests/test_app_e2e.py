@@ -150,7 +150,6 @@ def test_browser_starts_a_run_and_sees_the_loss_chart(dashboard, artifacts_dir):
         )
         page = browser.new_page(viewport={"width": 1500, "height": 1200})
         page.goto(dashboard.url)
-        page.get_by_label("Max steps").fill("400")
         page.locator("#loralab-start").click()
         # The loss chart has points once a plotly trace with data is drawn in it.
         page.wait_for_function(

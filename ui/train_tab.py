@@ -210,12 +210,12 @@ def status_html(run_dir: Path | None, ctx: AppContext) -> str:
         + (f" · eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else "") + "</div>",
     ]
     for sentence in summary.fallbacks:
-        parts.append(f"<div>ⓘ {html.escape(sentence)}</div>")
+        parts.append(f"<div>• {html.escape(sentence)}</div>")
     if summary.error:
         parts.append(f"<div class='loralab-error' id='loralab-error'><b>Why it failed:</b> "
                      f"{html.escape(summary.error)}</div>")
     if ctx.sampler is not None:
-        parts.append(f"<div>ⓘ {html.escape(ctx.sampler.status_text())}</div>")
+        parts.append(f"<div>• {html.escape(ctx.sampler.status_text())}</div>")
     queue = ctx.jobs.queue_names() if ctx.jobs else []
     if queue:
         parts.append(f"<div>Queue: {html.escape(', '.join(queue))}</div>")
