@@ -1,0 +1,546 @@
+"""Chat with a fine-tuned model and its base side by side, on one copy of the base.
+
+The base model is loaded once and wrapped in PEFT; the "base" side generates inside
+``PeftModel.disable_adapter()`` and the "fine-tuned" side with the adapter active, so the
+comparison costs one base model in memory. Several adapters trained on the same base are
+kept loaded under their own PEFT adapter names and switched with ``set_adapter``.
+
+Both sides use the same messages, sampling settings and seed (re-seeded before each
+side), so differences come from the adapter. They run one after the other in one worker
+thread, because adapter on/off is a property of the one shared model; each streams token
+by token through ``TextIteratorStreamer``, and a ``StoppingCriteria`` bound to a
+``threading.Event`` stops both at the next token.
+
+Around it: what to load (``engine.chat_sources``), prompt sets (``engine.chat_prompts``),
+blind ratings and the win rate (``engine.chat_ratings``) and ``python -m engine compare``
+(``engine.chat_cli``, dispatched through ``cli_main`` here).
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from engine.chat_prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines, token_f1
+from engine.chat_ratings import BASE, FINETUNED, win_rate
+from engine.chat_sources import (
+    LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
+)
+from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
+
+__all__ = [
+    "BASE", "FINETUNED", "LATEST", "SIDES", "AdapterSource", "ChatModels", "Comparison", "PromptItem", "Sampling",
+    "adapter_options", "clean_messages", "cli_main", "held_out_prompts", "prompts_from_file", "prompts_from_lines",
+    "resolve_adapter", "source_for_folder", "source_for_run", "token_f1", "win_rate", "with_system_prompt",
+]
+
+MAX_ADAPTERS = 8  # adapters are small, but a dashboard left open for days should not grow without bound
+SIDES = (BASE, FINETUNED)
+
+
+# ----------------------------------------------------------------------------- sampling settings
+@dataclass
+class Sampling:
+    """Generation settings shared by both sides."""
+
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    repetition_penalty: float = 1.0
+    seed: int = 0
+    greedy: bool = False
+    min_new_tokens: int = 0  # benchmarks force a fixed length; the UI leaves it at 0
+
+    def validated(self) -> "Sampling":
+        checks = [
+            (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 5, "temperature",
+             f"must be from 0 to 5, got {self.temperature!r}."),
+            (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
+             f"must satisfy 0 < top_p <= 1, got {self.top_p!r}."),
+            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
+             f"must be a positive integer, got {self.max_new_tokens!r}."),
+            (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 10,
+             "repetition_penalty", f"must be above 0 and at most 10 (1 means none), got {self.repetition_penalty!r}."),
+            (isinstance(self.seed, int) and self.seed >= 0, "seed", f"must be an integer >= 0, got {self.seed!r}."),
+            (isinstance(self.min_new_tokens, int) and self.min_new_tokens >= 0, "min_new_tokens",
+             f"must be an integer >= 0, got {self.min_new_tokens!r}."),
+        ]
+        for ok, name, message in checks:
+            if not ok:
+                raise ConfigError(name, message)
+        return self
+
+    @property
+    def is_greedy(self) -> bool:
+        return self.greedy or self.temperature == 0
+
+    def generate_kwargs(self) -> dict:
+        kwargs = dict(max_new_tokens=self.max_new_tokens, repetition_penalty=float(self.repetition_penalty))
+        if self.min_new_tokens:
+            kwargs["min_new_tokens"] = min(self.min_new_tokens, self.max_new_tokens)
+        if self.is_greedy:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        else:
+            kwargs.update(do_sample=True, temperature=float(self.temperature), top_p=float(self.top_p), top_k=None)
+        return kwargs
+
+    def describe(self) -> str:
+        how = "greedy" if self.is_greedy else f"temperature {self.temperature:g}, top-p {self.top_p:g}"
+        return (f"{how}, up to {self.max_new_tokens} new tokens, repetition penalty {self.repetition_penalty:g}, "
+                f"seed {self.seed}")
+
+    def as_dict(self) -> dict:
+        data = asdict(self)
+        data["greedy"] = self.is_greedy
+        if not data["min_new_tokens"]:
+            del data["min_new_tokens"]
+        return data
+
+
+# ----------------------------------------------------------------------------- the model cache
+def _flatten_content(content) -> str:
+    """Message content as text (chat UIs may send a list of typed parts)."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return str(content.get("text") or content.get("content") or "")
+    if isinstance(content, (list, tuple)):
+        return "".join(_flatten_content(part) for part in content)
+    return "" if content is None else str(content)
+
+
+def clean_messages(messages) -> list[dict]:
+    """Keep role and text of each message (drops UI metadata, flattens multi-part content)."""
+    return [{"role": m.get("role"), "content": _flatten_content(m.get("content"))}
+            for m in messages or [] if m.get("role") in ("system", "user", "assistant")]
+
+
+def _resolve_base_path(name: str) -> str:
+    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
+    from engine.hub import resolve_source
+
+    if name == DEMO_MODEL_NAME:
+        return str(ensure_demo_model(log=lambda *_: None))
+    return resolve_source(name, what="base model")
+
+
+def _stop_criteria(events):
+    """A StoppingCriteria that ends generation at the next token once any event is set."""
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class EventStop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stop = any(event.is_set() for event in events)
+            return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([EventStop()])
+
+
+@dataclass
+class Comparison:
+    """One prompt answered by both sides."""
+
+    prompt: str
+    base: str
+    finetuned: str
+    reference: str | None = None
+    messages: list = field(default_factory=list, repr=False)
+
+    @property
+    def base_f1(self) -> float | None:
+        return None if self.reference is None else token_f1(self.base, self.reference)
+
+    @property
+    def finetuned_f1(self) -> float | None:
+        return None if self.reference is None else token_f1(self.finetuned, self.reference)
+
+    def as_dict(self) -> dict:
+        return {"prompt": self.prompt, "base": self.base, "finetuned": self.finetuned, "reference": self.reference,
+                "base_f1": self.base_f1, "finetuned_f1": self.finetuned_f1}
+
+
+class ChatModels:
+    """One base model in memory at a time, with up to ``MAX_ADAPTERS`` of its adapters.
+
+    Thread-safe: loading and generating take one lock, because which adapter is active
+    (and whether adapters are on at all) is state of the one shared model.
+    """
+
+    def __init__(self, device: str | None = None):
+        self._lock = threading.RLock()
+        self._device = device
+        self.model = None  # a peft.PeftModel around the base
+        self.base_loads = 0  # how many times a base model was read from disk (tests and the status line)
+        self._base_key: tuple | None = None
+        self._base_info: dict = {}
+        self._adapters: OrderedDict[str, dict] = OrderedDict()  # str(path) -> {name, mtime, label, tokenizer}
+        self._next_name = 0
+        self.active: AdapterSource | None = None
+        self.notes: list[str] = []
+        self.generating = 0  # generations running inside the model right now (0 once stopped)
+
+    # ------------------------------------------------------------------ loading
+    @property
+    def loaded(self) -> bool:
+        return self.model is not None and self.active is not None
+
+    @property
+    def tokenizer(self):
+        return self._adapters[str(self.active.path)]["tokenizer"] if self.active else None
+
+    def _plan(self, source: AdapterSource) -> dict:
+        """Device, dtype and quantization for this base, matching how the run was trained where possible."""
+        import torch
+
+        cuda = torch.cuda.is_available() if self._device is None else self._device.startswith("cuda")
+        device = self._device or ("cuda" if cuda else "cpu")
+        bf16 = cuda and torch.cuda.is_bf16_supported()
+        quant = source.quant_settings
+        notes = []
+        plan = {"device": device, "quantization_config": None}
+        if quant.get("load_in_4bit") or quant.get("load_in_8bit"):
+            import importlib.util
+
+            if importlib.util.find_spec("bitsandbytes") is None:
+                notes.append("This run was trained on a quantized base, but bitsandbytes is not installed: the base "
+                             "is loaded unquantized, so answers may differ slightly from the trained model's.")
+                quant = {}
+        if quant.get("load_in_4bit") or quant.get("load_in_8bit"):
+            from transformers import BitsAndBytesConfig
+
+            compute = quant.get("bnb_4bit_compute_dtype", "bfloat16")
+            if not cuda:
+                compute = "float32"  # as the worker does: half-precision 4-bit compute is slow on the CPU
+            elif compute == "bfloat16" and not bf16:
+                compute = "float16"
+            compute_dtype = getattr(torch, compute)
+            plan["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=bool(quant.get("load_in_4bit")), load_in_8bit=bool(quant.get("load_in_8bit")),
+                bnb_4bit_quant_type=quant.get("bnb_4bit_quant_type", "nf4"),
+                bnb_4bit_use_double_quant=bool(quant.get("bnb_4bit_use_double_quant", True)),
+                bnb_4bit_compute_dtype=compute_dtype)
+            plan["dtype"] = compute_dtype
+            if quant.get("load_in_4bit"):
+                double = ", double quantization" if quant.get("bnb_4bit_use_double_quant", True) else ""
+                plan["precision"] = (f"4-bit {quant.get('bnb_4bit_quant_type', 'nf4').upper()} (bitsandbytes{double}), "
+                                     f"computing in {compute}, as it was trained")
+            else:
+                plan["precision"] = f"8-bit (bitsandbytes), computing in {compute}, as it was trained"
+        else:
+            dtype = torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32
+            plan["dtype"] = dtype
+            plan["precision"] = str(dtype).replace("torch.", "")
+        plan["notes"] = notes
+        return plan
+
+    def _load_base(self, source: AdapterSource, base_path: str, plan: dict):
+        from transformers import AutoModelForCausalLM
+
+        self.unload()
+        kwargs = dict(dtype=plan["dtype"], revision=source.revision, trust_remote_code=source.trust_remote_code)
+        if plan["quantization_config"] is not None:
+            kwargs["quantization_config"] = plan["quantization_config"]
+            if plan["device"].startswith("cuda"):
+                kwargs["device_map"] = {"": plan["device"]}
+        started = time.time()
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
+        except OSError as error:
+            raise ModelNotFoundError(f"The base model '{source.base_model}' could not be loaded from {base_path}: "
+                                     f"{str(error).splitlines()[0]}") from None
+        if plan["quantization_config"] is None:
+            model.to(plan["device"])
+        model.eval()
+        self.base_loads += 1
+        return model, time.time() - started
+
+    def load(self, source: AdapterSource) -> str:
+        """Make ``source`` the active adapter, loading its base only if it is not the one in memory."""
+        with self._lock:
+            base_path = _resolve_base_path(source.base_model)
+            plan = self._plan(source)
+            key = (os.path.realpath(base_path) if os.path.exists(base_path) else base_path, source.revision,
+                   source.quant, plan["device"])
+            if key != self._base_key or (self.model is None and "base" not in self._base_info):
+                base, seconds = self._load_base(source, base_path, plan)
+                self._base_key = key
+                self._base_info = {"name": source.base_model, "path": base_path, "device": plan["device"],
+                                   "precision": plan["precision"], "seconds": seconds, "base": base}
+                self.notes = plan["notes"]
+            self._activate_adapter(source)
+            self.active = source
+            return self.describe()
+
+    def _activate_adapter(self, source: AdapterSource) -> None:
+        key = str(source.path)
+        mtime = adapter_weights_time(source.path)
+        known = self._adapters.get(key)
+        if known is None or known["mtime"] != mtime:  # new, or rewritten since (adapter/ at the end of a run)
+            name = f"adapter_{self._next_name}"
+            self._next_name += 1
+            self._load_adapter_weights(source, name)
+            if known is not None:
+                self.model.delete_adapter(known["name"])
+            tokenizer, note = self._load_tokenizer(source)
+            self._adapters[key] = {"name": name, "mtime": mtime, "label": source.label,
+                                   "tokenizer": tokenizer, "note": note}
+        self._adapters.move_to_end(key)
+        self.model.set_adapter(self._adapters[key]["name"])
+        while len(self._adapters) > MAX_ADAPTERS:
+            _, oldest = self._adapters.popitem(last=False)
+            self.model.delete_adapter(oldest["name"])
+
+    def _load_adapter_weights(self, source: AdapterSource, name: str) -> None:
+        from peft import PeftModel
+
+        try:
+            if self.model is None:
+                self.model = PeftModel.from_pretrained(self._base_info["base"], str(source.path), adapter_name=name)
+                self._base_info.pop("base")  # the PeftModel holds it now
+                self.model.eval()
+            else:
+                self.model.load_adapter(str(source.path), adapter_name=name)
+        except (RuntimeError, ValueError, KeyError) as error:
+            first_line = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+            raise RunError(f"The adapter {source.path} does not fit the base model '{source.base_model}': "
+                           f"{first_line}") from None
+
+    def _load_tokenizer(self, source: AdapterSource):
+        """The tokenizer saved with the adapter (what training used), else the base's; and a warning or None.
+
+        A vocabulary that differs from the base's means the base changed since training
+        (a rebuilt demo model, a different revision): the answers would be nonsense, so say so.
+        """
+        from transformers import AutoTokenizer
+
+        base_folder = self._base_info["path"]
+        load = lambda folder: AutoTokenizer.from_pretrained(str(folder), trust_remote_code=source.trust_remote_code)
+        note = None
+        if (source.path / "tokenizer_config.json").is_file():
+            tokenizer = load(source.path)
+            if os.path.isdir(base_folder) and (Path(base_folder) / "tokenizer_config.json").is_file():
+                if load(base_folder).get_vocab() != tokenizer.get_vocab():
+                    note = (f"Warning: the tokenizer saved with {source.label} differs from the base model's; the base "
+                            "has probably changed since this adapter was trained, so its answers may be nonsense.")
+        else:
+            tokenizer = load(base_folder)
+        if tokenizer.pad_token_id is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        return tokenizer, note
+
+    def unload(self) -> None:
+        with self._lock:
+            self.model = None
+            self._base_info.pop("base", None)
+            self._adapters.clear()
+            self._base_key = None
+            self.active = None
+            gc.collect()
+            try:
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.empty_cache()
+            except ImportError:
+                pass
+
+    def memory(self) -> dict:
+        """Bytes of base weights and of adapter weights in the model, and of the device/process."""
+        if self.model is None:
+            return {}
+        base_bytes = adapter_bytes = 0
+        for name, tensor in list(self.model.named_parameters()) + list(self.model.named_buffers()):
+            size = tensor.numel() * tensor.element_size()
+            if "lora_" in name:
+                adapter_bytes += size
+            else:
+                base_bytes += size
+        result = {"base_bytes": base_bytes, "adapter_bytes": adapter_bytes}
+        import torch
+
+        if self._base_info.get("device", "cpu").startswith("cuda") and torch.cuda.is_available():
+            result["device_allocated_bytes"] = torch.cuda.memory_allocated()
+        try:
+            import psutil
+
+            result["process_rss_bytes"] = psutil.Process().memory_info().rss
+        except ImportError:
+            pass
+        return result
+
+    def describe(self) -> str:
+        """The load state in words, for the UI and the CLI."""
+        if not self.loaded:
+            return "Nothing loaded yet: choose a run (or an adapter folder) and press Load."
+        info, mem = self._base_info, self.memory()
+        mib = lambda n: f"{n / 2**20:,.1f} MiB"
+        where = "the GPU" if info["device"].startswith("cuda") else "the CPU"
+        base_name = info["name"] if info["name"] == info["path"] else f"{info['name']} ({info['path']})"
+        loads = "once" if self.base_loads == 1 else f"{self.base_loads} times in this session"
+        lines = [
+            f"Base model {base_name} on {where} in {info['precision']}; read from disk {loads} "
+            f"(last load {info['seconds']:.1f} s).",
+            f"Active adapter: {self.active.label} ({self.active.path}).",
+        ]
+        others = [a["label"] for key, a in self._adapters.items() if key != str(self.active.path)]
+        if others:
+            lines.append(f"Also loaded on the same base, switchable without reloading: {', '.join(others)}.")
+        memory = f"Memory: base weights {mib(mem['base_bytes'])}, adapters {mib(mem['adapter_bytes'])}"
+        if "device_allocated_bytes" in mem:
+            memory += f", GPU memory allocated {mib(mem['device_allocated_bytes'])}"
+        if "process_rss_bytes" in mem:
+            memory += f", process resident memory {mib(mem['process_rss_bytes'])}"
+        lines.append(memory + ".")
+        lines += self.notes
+        note = self._adapters[str(self.active.path)].get("note")
+        if note:
+            lines.append(note)
+        return "\n".join(lines)
+
+    # ------------------------------------------------------------------ generation
+    def _encode(self, messages: list[dict]):
+        tokenizer = self.tokenizer
+        if tokenizer.chat_template:
+            encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
+                                                    return_dict=True)
+        else:  # a base without a chat template: a plain transcript the model can continue
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
+            encoded = tokenizer(text, return_tensors="pt")
+        device = next(self.model.parameters()).device
+        return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
+
+    def _generate(self, side: str, messages: list[dict], sampling: Sampling, events, streamer=None):
+        """One side's generation; returns the new token ids."""
+        import torch
+
+        inputs = self._encode(messages)
+        tokenizer = self.tokenizer
+        kwargs = dict(**inputs, **sampling.generate_kwargs(), stopping_criteria=_stop_criteria(events),
+                      pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+        torch.manual_seed(sampling.seed)  # the same seed for both sides: differences come from the adapter
+        self.generating += 1  # under self._lock: callers hold it
+        try:
+            with torch.inference_mode():
+                if side == BASE:
+                    with self.model.disable_adapter():
+                        output = self.model.generate(**kwargs)
+                else:
+                    self.model.set_adapter(self._adapters[str(self.active.path)]["name"])
+                    output = self.model.generate(**kwargs)
+        finally:
+            self.generating -= 1
+        return output[0, inputs["input_ids"].shape[1]:]
+
+    def _require_loaded(self) -> None:
+        if not self.loaded:
+            raise RunError("No model is loaded: choose a run (or an adapter folder) and press Load first.")
+
+    def answer(self, messages: list[dict], side: str, sampling: Sampling, stop_event=None) -> str:
+        """One side's full answer (no streaming)."""
+        sampling.validated()
+        with self._lock:
+            self._require_loaded()
+            tokens = self._generate(side, clean_messages(messages), sampling,
+                                    [stop_event or threading.Event()])
+            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+
+    def stream_pair(self, base_messages: list[dict], tuned_messages: list[dict], sampling: Sampling,
+                    stop_event: threading.Event | None = None) -> Iterator[tuple[str, str]]:
+        """Yield (base text so far, fine-tuned text so far) as tokens arrive, base first, then fine-tuned.
+
+        Setting ``stop_event`` ends the running side at its next token and skips the other;
+        abandoning the iterator (a closed browser tab) does the same.
+        """
+        from transformers import TextIteratorStreamer
+
+        sampling.validated()
+        self._require_loaded()
+        stop = stop_event or threading.Event()
+        abandoned = threading.Event()
+        tokenizer = self.tokenizer
+        streamers = {side: TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+                     for side in SIDES}
+        prompts = {BASE: clean_messages(base_messages), FINETUNED: clean_messages(tuned_messages)}
+        errors: list[BaseException] = []
+
+        def work():
+            with self._lock:
+                for position, side in enumerate(SIDES):
+                    if stop.is_set() or abandoned.is_set() or errors:
+                        streamers[side].end()
+                        continue
+                    try:
+                        self._generate(side, prompts[side], sampling, [stop, abandoned], streamers[side])
+                    except BaseException as error:  # re-raised in the caller's thread below
+                        errors.append(error)
+                        streamers[side].end()
+
+        worker = threading.Thread(target=work, name="chat-generate", daemon=True)
+        worker.start()
+        texts = {BASE: "", FINETUNED: ""}
+        try:
+            for side in SIDES:
+                for chunk in streamers[side]:
+                    if chunk:
+                        texts[side] += chunk
+                        yield texts[BASE], texts[FINETUNED]
+            worker.join()
+            if errors:
+                raise _explain_generation_error(errors[0])
+            yield texts[BASE], texts[FINETUNED]
+        finally:
+            abandoned.set()
+
+    def compare(self, prompts: list[PromptItem], sampling: Sampling, system_prompt: str = "",
+                stop_event: threading.Event | None = None) -> Iterator[Comparison]:
+        """Answer each prompt with both sides; stops between (and inside) answers when ``stop_event`` is set."""
+        stop = stop_event or threading.Event()
+        for item in prompts:
+            if stop.is_set():
+                return
+            messages = with_system_prompt(item.messages, system_prompt)
+            try:
+                answers = {side: self.answer(messages, side, sampling, stop) for side in SIDES}
+            except LoraLabError:
+                raise
+            except Exception as error:
+                raise _explain_generation_error(error) from None
+            if stop.is_set():
+                return  # a half-finished pair would be an unfair comparison
+            yield Comparison(prompt=item.text, base=answers[BASE], finetuned=answers[FINETUNED],
+                             reference=item.reference, messages=messages)
+
+
+def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:
+    """Put ``system_prompt`` first, replacing a system turn the messages already have."""
+    messages = clean_messages(messages)
+    if system_prompt and system_prompt.strip():
+        messages = [{"role": "system", "content": system_prompt.strip()}] + [
+            m for m in messages if m["role"] != "system"]
+    return messages
+
+
+def _explain_generation_error(error: BaseException) -> BaseException:
+    if isinstance(error, LoraLabError):
+        return error
+    text = str(error).strip().splitlines()[0][:300] if str(error).strip() else ""
+    if "out of memory" in text.lower():
+        return RunError("Generation ran out of memory: lower max new tokens or shorten the conversation "
+                        "(press Clear).")
+    if "chat_template" in text or "chat template" in text.lower():
+        return RunError(f"The tokenizer cannot format this conversation: {text}")
+    return RunError(f"Generation failed ({type(error).__name__}): {text}")
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``python -m engine compare``; lives in ``engine.chat_cli``."""
+    from engine.chat_cli import main
+
+    return main(argv)

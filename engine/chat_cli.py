@@ -1,0 +1,103 @@
+"""``python -m engine compare RUN``: base and fine-tuned answers to a prompt set, headless.
+
+For qualitative checks without the dashboard (and in scripts: ``--json``). The same
+``engine.chat.ChatModels`` the Chat tab uses, so answers match what the tab shows for the
+same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from engine.chat import ChatModels, Comparison, Sampling
+from engine.chat_prompts import held_out_prompts, prompts_from_file
+from engine.chat_ratings import describe_win_rate, win_rate
+from engine.chat_sources import LATEST, AdapterSource, resolve_adapter
+from engine.errors import LoraLabError, RunError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m engine compare",
+        description="Answer prompts with a run's base model and its fine-tuned adapter, one copy of the base.")
+    parser.add_argument("run", help="a run name inside --runs-dir, a run folder, or a PEFT adapter folder")
+    parser.add_argument("--runs-dir", type=Path, default=Path(os.environ.get("LORALAB_RUNS_DIR", "runs")),
+                        help="folder of run directories (default: runs)")
+    parser.add_argument("--checkpoint", default=LATEST,
+                        help="'latest' (default), 'adapter', or a checkpoint: 'checkpoint-90' or '90'")
+    parser.add_argument("--prompts", metavar="FILE",
+                        help="a .txt file (one prompt per line) or a dataset file; default: the run's held-out split")
+    parser.add_argument("--limit", type=int, default=10, help="at most this many prompts (default 10; 0: all)")
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding (deterministic)")
+    parser.add_argument("--temperature", type=float, default=Sampling.temperature)
+    parser.add_argument("--top-p", type=float, default=Sampling.top_p)
+    parser.add_argument("--max-new-tokens", type=int, default=Sampling.max_new_tokens)
+    parser.add_argument("--repetition-penalty", type=float, default=Sampling.repetition_penalty)
+    parser.add_argument("--seed", type=int, default=Sampling.seed)
+    parser.add_argument("--system", default="", help="system prompt put before every prompt")
+    parser.add_argument("--json", action="store_true", help="print one JSON document instead of text")
+    return parser
+
+
+def _print_text(rows: list[Comparison], source: AdapterSource, out) -> None:
+    for number, row in enumerate(rows, start=1):
+        print(f"=== prompt {number}/{len(rows)} ===", file=out)
+        print(row.prompt, file=out)
+        print("--- base ---", file=out)
+        print(row.base, file=out)
+        print(f"--- fine-tuned ({source.label}) ---", file=out)
+        print(row.finetuned, file=out)
+        if row.reference is not None:
+            print("--- reference ---", file=out)
+            print(row.reference, file=out)
+        print(file=out)
+    scored = [r for r in rows if r.reference is not None]
+    if scored:
+        mean = lambda values: sum(values) / len(values)
+        print(f"token F1 against the reference over {len(scored)} prompt(s): base "
+              f"{mean([r.base_f1 for r in scored]):.3f}, fine-tuned {mean([r.finetuned_f1 for r in scored]):.3f}",
+              file=out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        source = resolve_adapter(args.runs_dir, args.run, args.checkpoint)
+        if args.prompts:
+            prompts = prompts_from_file(args.prompts)
+        elif source.run_dir is not None:
+            prompts = held_out_prompts(source.run_dir)
+        else:
+            raise RunError("An adapter folder outside a run has no held-out split: pass --prompts FILE.")
+        if args.limit > 0:
+            prompts = prompts[: args.limit]
+        sampling = Sampling(temperature=args.temperature, top_p=args.top_p, max_new_tokens=args.max_new_tokens,
+                            repetition_penalty=args.repetition_penalty, seed=args.seed,
+                            greedy=args.greedy).validated()
+        models = ChatModels()
+        print(models.load(source), file=sys.stderr)
+        rows = []
+        for row in models.compare(prompts, sampling, system_prompt=args.system):
+            rows.append(row)
+            print(f"answered {len(rows)}/{len(prompts)}", file=sys.stderr)
+    except LoraLabError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    if args.json:
+        document = {"run": str(source.run_dir) if source.run_dir else None, "adapter": str(source.path),
+                    "label": source.label, "base_model": source.base_model, "sampling": sampling.as_dict(),
+                    "system_prompt": args.system, "results": [r.as_dict() for r in rows]}
+        if source.run_dir is not None:
+            rate, wins, count = win_rate(source.run_dir)
+            document["blind_ratings"] = {"win_rate": rate, "wins": wins, "count": count}
+        json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
+        print()
+    else:
+        _print_text(rows, source, sys.stdout)
+        if source.run_dir is not None:
+            print(describe_win_rate(*win_rate(source.run_dir)))
+    return 0
