@@ -7,17 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CHATML_WITH_GENERATION = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
+from engine.demo import CHAT_TEMPLATE as CHATML_WITH_GENERATION  # the demo model's template: one definition
+
 CORPUS = [
     "Extract as JSON: the big red ball is on the table.",
     "The capital of France is Paris. What is two plus two? It is four.",
