@@ -27,7 +27,7 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DEMO_MODEL_NAME = "demo"
 DEMO_SEED = 1234
 DEMO_DATA_DIR = PROJECT_ROOT / "presets" / "data"
-BUILD_VERSION = "2"  # bump when the recipe below changes, so caches rebuild
+BUILD_VERSION = "3"  # bump when the recipe below changes, so caches rebuild
 
 SIZES = ["big", "small", "tiny", "huge", "long", "short"]
 COLORS = ["red", "blue", "green", "yellow", "black", "white", "brown", "orange", "purple", "gray"]
