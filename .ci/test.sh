@@ -10,7 +10,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 set +e
-python3 -m pytest -q -p no:cacheprovider "$@"
+python3 -m pytest -q -p no:cacheprovider --durations=15 "$@"
 code=$?
 set -e
 if [ "$code" = 5 ]; then echo "pytest collected no tests: failing on purpose" >&2; exit 1; fi

@@ -365,7 +365,10 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     update_status(run_dir, trainable_parameters=trainable, total_parameters=total)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if config.quant.load_in_4bit:
-        n4 = sum(1 for m in trainer.model.modules() if type(m).__name__ == "Linear4bit")
+        import bitsandbytes as bnb
+
+        # bitsandbytes' own layers only (PEFT's LoRA wrapper around each is also called Linear4bit).
+        n4 = sum(1 for m in trainer.model.modules() if isinstance(m, bnb.nn.Linear4bit))
         log(f"bitsandbytes Linear4bit layers: {n4}")
         update_status(run_dir, linear4bit_layers=n4)
 
