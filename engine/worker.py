@@ -350,6 +350,8 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     update_status(run_dir, message="Loading the base model.")
     model = build_model(config, model_path, runtime)
     check_target_modules(model, config)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()  # the training peak, not the loading peak
 
     checkpoint = runs.latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass
@@ -15,6 +15,5 @@ class AppContext:
     sampler: Any = None  # engine.gpu.GpuSampler
     max_upload_mb: int = 200
     uploads_dir: Path | None = None
-    # Set by the Train tab: returns the current form as a RunConfig dict (the Memory tab uses it).
-    train_form_config: Callable[[], dict] | None = None
+    # Shared between tabs: the Train tab puts its form components and a values -> config function here.
     extras: dict = field(default_factory=dict)

@@ -156,7 +156,8 @@ class Monitor:
                 import yaml
 
                 config = yaml.safe_load(runs.RunPaths(run_dir).config.read_text())
-                self.predicted[run_dir] = estimate_for_run_config(config).peak_allocated_bytes
+                # What NVML will show (CUDA context and allocator included), to match the chart it is drawn on.
+                self.predicted[run_dir] = estimate_for_run_config(config).nvidia_smi_bytes
             except Exception:  # noqa: BLE001 - a missing prediction must never break the chart
                 self.predicted[run_dir] = None
         return self.predicted[run_dir]
@@ -329,8 +330,6 @@ def build(ctx: AppContext) -> None:
             compare_loss = gr.Plot(label="Loss, overlaid")
             compare_memory = gr.Plot(label="Memory, overlaid")
         compare_configs = gr.Dataframe(label="Configs side by side (≠ marks fields that differ)", interactive=False)
-
-    ctx.train_form_config = None  # replaced below once the form exists
 
     # ------------------------------------------------------------------ handlers
     def on_preset(name):

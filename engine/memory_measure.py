@@ -1,0 +1,379 @@
+"""Real models for checking the memory estimator: build them the way training does, then measure.
+
+The estimator in ``engine/memory.py`` is arithmetic; this module is its counterpart made
+of torch objects, used by ``tests/test_memory.py`` (tiny models on the CPU) and by
+``bench/memory_accuracy.py`` (catalog-sized models with random weights on CUDA). It
+builds a model from a :class:`~engine.memory_arch.ModelArch` and
+:class:`~engine.memory.MemorySettings` along the same path as LoRA Lab's worker (load in
+the compute dtype or through bitsandbytes, optionally ``prepare_model_for_kbit_training``,
+gradient checkpointing, TRL's fused LM head, PEFT, TRL's bf16 cast of adapters on a
+quantized base) and measures parameters, quantized storage and saved activations.
+
+torch, transformers, peft and bitsandbytes are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import weakref
+from pathlib import Path
+
+from engine.memory import MemorySettings, precision_of
+from engine.memory_arch import ModelArch
+
+TORCH_DTYPES = {2: "bfloat16", 4: "float32"}
+
+
+def hf_config(arch: ModelArch, attn: str = "sdpa"):
+    """A transformers config object for ``arch`` (random weights are built from it)."""
+    from transformers import AutoConfig
+
+    config = {k: v for k, v in arch.config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
+    model_type = config.pop("model_type", arch.model_type)
+    cfg = AutoConfig.for_model(model_type, **config)
+    impl = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}[attn]
+    if attn == "sdpa" and arch.attn_logit_softcapping:
+        impl = "eager"
+    cfg._attn_implementation = impl
+    cfg.use_cache = False
+    return cfg
+
+
+def _torch_dtype(settings: MemorySettings):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[settings.compute_dtype]
+
+
+def save_random_model(arch: ModelArch, folder: Path, dtype_name: str = "bfloat16", device: str = "cpu", seed: int = 0) -> Path:
+    """Write a randomly initialised checkpoint of ``arch`` (reused when it is already there)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(folder)
+    marker = folder / "lora_lab_random.json"
+    if marker.exists() and json.loads(marker.read_text()) == {"arch": arch.name, "dtype": dtype_name, "seed": seed}:
+        return folder
+    torch.manual_seed(seed)
+    dtype = getattr(torch, dtype_name)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype)
+    model.save_pretrained(folder)
+    marker.write_text(json.dumps({"arch": arch.name, "dtype": dtype_name, "seed": seed}))
+    del model
+    return folder
+
+
+def build_model(arch: ModelArch, settings: MemorySettings, device: str = "cpu", checkpoint_dir: Path | None = None,
+                reentrant: bool = False, seed: int = 0):
+    """The model a LoRA Lab training run would train, with random weights.
+
+    Quantized bases are loaded through ``from_pretrained(..., quantization_config=...)``
+    from a random checkpoint (written to ``checkpoint_dir`` or a temporary folder), so the
+    quantization is exactly the one training uses.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    s = settings.normalized()
+    dtype = _torch_dtype(s)
+    torch.manual_seed(seed)
+    if s.method in ("qlora", "lora8bit"):
+        folder = Path(checkpoint_dir or tempfile.mkdtemp(prefix="loralab-mem-"))
+        save_random_model(arch, folder, "bfloat16" if dtype != torch.float32 else "float32", device=device, seed=seed)
+        if s.method == "qlora":
+            quant = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=s.double_quant,
+                bnb_4bit_compute_dtype=dtype,
+            )
+        else:
+            quant = BitsAndBytesConfig(load_in_8bit=True)
+        device_map = {"": device if device == "cpu" else torch.device(device).index or 0}
+        model = AutoModelForCausalLM.from_pretrained(
+            folder, quantization_config=quant, dtype=dtype, device_map=device_map,
+            attn_implementation=hf_config(arch, s.attn)._attn_implementation,
+        )
+    else:
+        weights_dtype = getattr(torch, TORCH_DTYPES[precision_of(s).weights])
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(hf_config(arch, s.attn), dtype=weights_dtype)
+    model.config.use_cache = False
+    return prepare_for_training(model, s, reentrant=reentrant)
+
+
+def prepare_for_training(model, s: MemorySettings, reentrant: bool = False):
+    """Apply what the training path applies: kbit preparation, checkpointing, fused loss, PEFT."""
+    import torch
+
+    kwargs = {"use_reentrant": reentrant}
+    if s.method in ("qlora", "lora8bit") and s.kbit_upcast:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=s.gradient_checkpointing, gradient_checkpointing_kwargs=kwargs
+        )
+    if s.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+    if s.loss == "chunked":
+        from trl.trainer.utils import add_fused_lm_head
+
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    if s.method == "full":
+        for param in model.parameters():
+            param.requires_grad_(True)
+        model.train()
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=s.rank,
+        lora_alpha=s.alpha,
+        target_modules=s.targets,
+        lora_dropout=s.lora_dropout,
+        use_dora=s.dora,
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, config)
+    if s.gradient_checkpointing:
+        model.enable_input_require_grads()  # what TRL's SFTTrainer does for PEFT + checkpointing
+    if s.method in ("qlora", "lora8bit") and s.adapter_dtype == "auto":
+        for name, param in model.named_parameters():  # TRL: adapters of a quantized base in bf16
+            if param.requires_grad and "lora_magnitude_vector" not in name:
+                param.data = param.data.to(torch.bfloat16)
+    model.train()
+    return model
+
+
+def make_batch(arch: ModelArch, settings: MemorySettings, device: str = "cpu", seed: int = 0) -> dict:
+    """Random token ids of the requested shape; with ``padded`` the last row ends in one pad token."""
+    import torch
+
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, arch.vocab_size, (settings.batch_size, settings.seq_len), generator=generator)
+    batch = {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
+    if settings.padded:
+        mask = torch.ones_like(ids)
+        mask[-1, -1] = 0
+        batch["attention_mask"] = mask.to(device)
+        batch["labels"][-1, -1] = -100
+    return batch
+
+
+def forward_loss(model, batch: dict, settings: MemorySettings):
+    """One forward pass returning the loss, as the trainer computes it."""
+    if settings.loss == "chunked":
+        return model(**batch, fused_lm_head=True, use_cache=False).loss
+    return model(**batch, use_cache=False).loss
+
+
+def _excluded_storages(model) -> set[int]:
+    pointers = set()
+    for tensor in list(model.parameters()) + list(model.buffers()):
+        pointers.add(tensor.untyped_storage().data_ptr())
+        state = getattr(tensor, "quant_state", None)
+        if state is not None:
+            for value in state.as_dict(packed=False).values():
+                if hasattr(value, "untyped_storage"):
+                    pointers.add(value.untyped_storage().data_ptr())
+    return pointers
+
+
+def measure_saved_bytes(model, batch: dict, settings: MemorySettings, device_type: str = "cpu") -> dict:
+    """Bytes autograd keeps for backward after one forward pass, deduplicated by storage.
+
+    ``saved_tensors_hooks`` sees every tensor an op saves; parameters (and views of them)
+    are excluded, and only tensors still alive when the forward ends are counted, so a
+    branch whose graph was dropped (a detached computation) does not count.
+    """
+    import torch
+
+    excluded = _excluded_storages(model)
+    alive: list = []
+
+    def pack(tensor):
+        if tensor.untyped_storage().data_ptr() not in excluded:
+            alive.append(weakref.ref(tensor))
+        return tensor
+
+    dtype = _torch_dtype(settings)
+    autocast = torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32)
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor), autocast:
+        loss = forward_loss(model, batch, settings)
+    storages: dict[int, int] = {}
+    for ref in alive:
+        tensor = ref()
+        if tensor is not None:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+    total = sum(storages.values())
+    loss.backward()  # also proves the graph is complete
+    return {"saved_bytes": total, "tensors": len(storages)}
+
+
+def meta_parameter_counts(arch: ModelArch, settings: MemorySettings) -> tuple[int, int]:
+    """(trainable, total) parameters of a meta-device model wrapped as training wraps it."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    s = settings.normalized()
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(arch))
+    if s.method == "full":
+        total = sum(p.numel() for p in model.parameters())
+        return total, total
+    from peft import LoraConfig, get_peft_model
+
+    peft_model = get_peft_model(
+        model, LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=s.targets, use_dora=s.dora, task_type="CAUSAL_LM")
+    )
+    return peft_model.get_nb_trainable_parameters()
+
+
+def quantized_storage_bytes(model) -> dict[str, int]:
+    """Bytes of bitsandbytes weights and of their quantization constants, read from the tensors."""
+    packed = constants = 0
+    seen: set[int] = set()
+    for module in model.modules():
+        weight = getattr(module, "weight", None)  # PEFT wrappers expose their base layer's weight too
+        if weight is None or weight.untyped_storage().data_ptr() in seen:
+            continue
+        seen.add(weight.untyped_storage().data_ptr())
+        kind = type(weight).__name__
+        if kind == "Params4bit":
+            packed += weight.untyped_storage().nbytes()
+            state = weight.quant_state
+            tensors = [state.absmax, state.code]
+            if state.nested:
+                tensors += [state.state2.absmax, state.state2.code, state.offset]
+            constants += sum(t.untyped_storage().nbytes() for t in tensors if t is not None)
+        elif kind == "Int8Params":
+            packed += weight.untyped_storage().nbytes()
+            scb = getattr(weight, "SCB", None)
+            if scb is not None:
+                constants += scb.untyped_storage().nbytes()
+    return {"packed": packed, "constants": constants}
+
+
+def make_optimizer(model, settings: MemorySettings):
+    """The optimizer transformers' Trainer would create for ``settings.optimizer``."""
+    from transformers import Trainer, TrainingArguments
+
+    s = settings.normalized()
+    name = {"adamw_8bit": "adamw_bnb_8bit"}.get(s.optimizer, s.optimizer)
+    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="loralab-opt-"), optim=name, report_to=[],
+                             bf16=False, fp16=False)
+    cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = cls(params, **kwargs)
+    if "8bit" in s.optimizer:
+        import bitsandbytes as bnb
+        import torch
+
+        manager = bnb.optim.GlobalOptimManager.get_instance()
+        for module in model.modules():
+            if isinstance(module, torch.nn.Embedding):
+                manager.register_module_override(module, "weight", {"optim_bits": 32})
+    return optimizer
+
+
+class LiveBytesTracker:
+    """A stand-in for ``torch.cuda.max_memory_allocated`` on any device.
+
+    A dispatch mode sees every tensor an op creates; a weak reference on each storage
+    tells when it is freed. Sizes are rounded up to 512 bytes as the CUDA caching
+    allocator does, so the peak is comparable with the estimator's ``peak_allocated_bytes``
+    (minus the library workspaces, which only exist on CUDA). Used by the tests and by
+    ``bench/memory_accuracy.py --cpu`` to check the peak model without a GPU.
+    """
+
+    def __init__(self, round_to: int = 512):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        tracker = self
+
+        class _Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                tracker._track(out, str(func))
+                return out
+
+        self._mode = _Mode()
+        self.round_to = round_to
+        self.live = 0
+        self.peak = 0
+        self.peak_op = ""
+        self.phase = ""
+        self.peak_phase = ""
+        self._refs: dict[int, object] = {}
+
+    def _size(self, storage) -> int:
+        n = storage.nbytes()
+        return -(-n // self.round_to) * self.round_to if self.round_to else n
+
+    def add_storage(self, storage, op: str = "") -> None:
+        key = id(storage)
+        if key in self._refs or storage.nbytes() == 0 or storage.device.type == "meta":
+            return
+        size = self._size(storage)
+
+        def freed(_ref, key=key, size=size):
+            self._refs.pop(key, None)
+            self.live -= size
+
+        self._refs[key] = weakref.ref(storage, freed)
+        self.live += size
+        if self.live > self.peak:
+            self.peak, self.peak_op, self.peak_phase = self.live, op, self.phase
+
+    def _track(self, out, op: str) -> None:
+        import torch
+
+        items = out if isinstance(out, (tuple, list)) else [out]
+        for item in items:
+            if isinstance(item, torch.Tensor):
+                self.add_storage(item.untyped_storage(), op)
+
+    def add_model(self, model) -> None:
+        """Count what exists before tracking starts: parameters, buffers, quantization state."""
+        for tensor in list(model.parameters()) + list(model.buffers()):
+            self.add_storage(tensor.untyped_storage(), "model")
+            state = getattr(tensor, "quant_state", None)
+            if state is not None:
+                for value in state.as_dict(packed=False).values():
+                    if hasattr(value, "untyped_storage"):
+                        self.add_storage(value.untyped_storage(), "model")
+
+    def __enter__(self):
+        self._mode.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._mode.__exit__(*exc)
+
+
+def train_steps(model, batch: dict, settings: MemorySettings, optimizer, steps: int = 2, device_type: str = "cpu",
+                tracker: LiveBytesTracker | None = None) -> list[float]:
+    """A few optimizer steps the way transformers' Trainer runs them (autocast, clip, step, zero_grad)."""
+    import torch
+
+    dtype = _torch_dtype(settings)
+    params = [p for p in model.parameters() if p.requires_grad]
+    losses = []
+    for _ in range(steps):
+        if tracker:
+            tracker.phase = "forward"
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+            loss = forward_loss(model, batch, settings)
+        if tracker:
+            tracker.phase = "backward"
+        loss.backward()
+        if tracker:
+            tracker.phase = "optimizer"
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    return losses

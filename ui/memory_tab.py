@@ -1,0 +1,343 @@
+"""The Memory tab: "will this fit, and why?" before a run, prediction against measurement after.
+
+Layout and wiring only; the numbers come from ``engine.memory``. The pure helpers below
+(form -> settings, estimates -> figure / table / text, run directory -> comparison) are
+what the tests call; ``build(ctx)`` only lays components out and connects them.
+No torch import here: the estimator is arithmetic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import plotly.graph_objects as go
+
+from engine.errors import LoraLabError
+from engine.memory import (
+    GPUS,
+    METHOD_LABELS,
+    OPTIMIZERS,
+    TERM_TITLES,
+    MemoryEstimate,
+    MemorySettings,
+    estimate,
+    fits_on_gpus,
+    max_batch_or_seq_that_fits,
+    settings_from_run_config,
+)
+from engine.memory_arch import ModelArch, arch_from_numbers, catalog_ids, load_arch
+
+GIB = 2**30
+SOURCES = ("Catalog", "Folder or hub id", "Custom dimensions")
+COMPARED = ("full", "lora", "qlora")
+# One colour per term, stable across updates so the stacks read the same way every time.
+TERM_COLOURS = {
+    "quantized_weights": "#1f77b4",
+    "quantization_constants": "#aec7e8",
+    "weights_16_32bit": "#17becf",
+    "adapter_weights": "#2ca02c",
+    "gradients": "#98df8a",
+    "optimizer_states": "#ff7f0e",
+    "optimizer_states_paged": "#ffbb78",
+    "activations": "#d62728",
+    "logits_and_loss": "#9467bd",
+    "transient_buffers": "#c5b0d5",
+    "library_workspaces": "#8c564b",
+    "allocator_overhead": "#c49c94",
+    "cuda_context": "#7f7f7f",
+}
+DEFAULT_GPU = "RTX 4090 24 GB"
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def resolve_arch(source: str, catalog_id: str | None, folder: str | None, dims: list | tuple) -> ModelArch:
+    """The architecture the form points at (raises LoraLabError with a sentence)."""
+    if source == "Custom dimensions":
+        values = [int(v) if v not in (None, "") else 0 for v in dims]
+        return arch_from_numbers(*values, name="custom")
+    if source == "Folder or hub id":
+        return load_arch((folder or "").strip())
+    return load_arch(catalog_id or "")
+
+
+def settings_from_form(method, rank, alpha, targets, dora, dropout, batch, seq_len, grad_ckpt, optimizer, dtype,
+                       double_quant, attn, loss, kbit_upcast, padded=False) -> MemorySettings:
+    text = (targets or "all-linear").strip()
+    target_value: Any = "all-linear" if text in ("", "all-linear") else [t.strip() for t in text.split(",") if t.strip()]
+    return MemorySettings(
+        method=method,
+        rank=int(rank),
+        alpha=int(alpha),
+        targets=target_value,
+        dora=bool(dora),
+        lora_dropout=float(dropout or 0.0),
+        batch_size=int(batch),
+        seq_len=int(seq_len),
+        gradient_checkpointing=bool(grad_ckpt),
+        optimizer=optimizer,
+        compute_dtype=dtype,
+        double_quant=bool(double_quant),
+        attn=attn,
+        loss=loss,
+        kbit_upcast=bool(kbit_upcast),
+        padded=bool(padded),
+    )
+
+
+def compare_methods(arch: ModelArch, settings: MemorySettings) -> dict[str, MemoryEstimate]:
+    """The same model and settings under full fine-tuning, LoRA and QLoRA."""
+    return {method: estimate(arch, replace(settings, method=method)) for method in COMPARED}
+
+
+def stacked_terms(est: MemoryEstimate) -> dict[str, int]:
+    """Every term that nvidia-smi will count, in stacking order."""
+    return {name: value for name, value in est.terms.items() if value > 0}
+
+
+def comparison_figure(estimates: dict[str, MemoryEstimate], gpu: str | None, chosen: str | None = None) -> go.Figure:
+    """Stacked bars per method, one colour per term, and the card's capacity as a line."""
+    labels = [METHOD_LABELS[m] for m in estimates]
+    names: list[str] = []
+    for est in estimates.values():
+        names += [n for n in stacked_terms(est) if n not in names]
+    order = [n for n in TERM_COLOURS if n in names]
+    fig = go.Figure()
+    for name in order:
+        values = [est.terms.get(name, 0) / GIB for est in estimates.values()]
+        fig.add_trace(go.Bar(
+            x=labels, y=values, name=TERM_TITLES.get(name, name), marker_color=TERM_COLOURS[name],
+            hovertemplate="%{x}<br>" + TERM_TITLES.get(name, name) + ": %{y:.2f} GiB<extra></extra>",
+        ))
+    for label, est in zip(labels, estimates.values()):
+        fig.add_annotation(x=label, y=est.nvidia_smi_bytes / GIB, text=f"{est.nvidia_smi_bytes / GIB:.1f} GiB",
+                           showarrow=False, yshift=10)
+    if gpu and gpu in GPUS:
+        fig.add_hline(y=GPUS[gpu] / GIB, line={"dash": "dash", "color": "#111"},
+                      annotation_text=f"{gpu}: {GPUS[gpu] / GIB:.1f} GiB", annotation_position="top left")
+    fig.update_layout(barmode="stack", yaxis_title="GiB (as nvidia-smi shows)", legend_title="term",
+                      uirevision="memory-compare", margin={"l": 50, "r": 20, "t": 40, "b": 40},
+                      title=f"{next(iter(estimates.values())).model}: what each method needs")
+    return fig
+
+
+def terms_table(est: MemoryEstimate) -> list[list]:
+    rows = [[TERM_TITLES.get(name, name), round(value / GIB, 3), est.explanations.get(name, "")]
+            for name, value in est.terms.items() if value > 0]
+    rows.append(["Peak allocated (torch.cuda.max_memory_allocated)", round(est.peak_allocated_bytes / GIB, 3),
+                 f"at: {est.peak_phase}"])
+    rows.append(["nvidia-smi", round(est.nvidia_smi_bytes / GIB, 3), "peak allocated + allocator overhead + CUDA "
+                 "context + paged optimizer states"])
+    return rows
+
+
+def summary_markdown(arch: ModelArch, settings: MemorySettings, est: MemoryEstimate, gpu: str | None) -> str:
+    lines = [
+        f"**{est.model}** ({arch.total_params / 1e9:.2f} B parameters), {METHOD_LABELS[est.settings['method']]}: "
+        f"peak allocated **{est.peak_allocated_bytes / GIB:.2f} GiB**, nvidia-smi about "
+        f"**{est.nvidia_smi_bytes / GIB:.2f} GiB**; {est.parameters['trainable']:,} trainable parameters.",
+        "",
+        est.advice(),
+    ]
+    if gpu and gpu in GPUS:
+        fits = fits_on_gpus(est)[gpu]
+        verdict = "fits" if fits["fits"] else "does **not** fit"
+        lines += ["", f"On **{gpu}** it {verdict} ({fits['free_bytes'] / GIB:+.2f} GiB to spare)."]
+        if fits["note"]:
+            lines.append(f"Note: {fits['note']}.")
+        best_batch = max_batch_or_seq_that_fits(arch, settings, gpu, "batch_size", limit=512)
+        best_len = max_batch_or_seq_that_fits(arch, settings, gpu, "seq_len")
+        lines.append(f"Largest batch at {settings.seq_len} tokens: **{best_batch}**; longest sequence at batch "
+                     f"{settings.batch_size}: **{best_len}** tokens.")
+    others = [g for g, row in fits_on_gpus(est).items() if row["fits"]]
+    lines += ["", "Fits on: " + (", ".join(others) if others else "none of the common cards") + "."]
+    lines += [f"\n*{note}*" for note in est.notes]
+    return "\n".join(lines)
+
+
+def estimate_view(source, catalog_id, folder, hidden, layers, heads, kv_heads, intermediate, vocab, method, rank,
+                  alpha, targets, dora, dropout, batch, seq_len, grad_ckpt, optimizer, dtype, double_quant, attn,
+                  loss, kbit_upcast, gpu):
+    """Everything the tab shows for one form state: (figure, table rows, markdown)."""
+    try:
+        arch = resolve_arch(source, catalog_id, folder, (hidden, layers, heads, kv_heads, intermediate, vocab))
+        settings = settings_from_form(method, rank, alpha, targets, dora, dropout, batch, seq_len, grad_ckpt,
+                                      optimizer, dtype, double_quant, attn, loss, kbit_upcast)
+        estimates = compare_methods(arch, settings)
+        chosen = estimates.get(settings.normalized().method) or estimate(arch, settings)
+    except LoraLabError as exc:
+        return go.Figure(), [], f"**Cannot estimate:** {exc}"
+    return comparison_figure(estimates, gpu), terms_table(chosen), summary_markdown(arch, settings, chosen, gpu)
+
+
+def form_from_run_config(run_config: dict) -> dict:
+    """Form values for a Train-tab run config (see engine.memory.settings_from_run_config)."""
+    name, s = settings_from_run_config(run_config)
+    catalog = name in catalog_ids()
+    return {
+        "source": "Catalog" if catalog else "Folder or hub id",
+        "catalog_id": name if catalog else None,
+        "folder": "" if catalog else name,
+        "method": s.method,
+        "rank": s.rank,
+        "alpha": s.alpha,
+        "targets": s.targets if isinstance(s.targets, str) else ", ".join(s.targets),
+        "dora": s.dora,
+        "dropout": s.lora_dropout,
+        "batch": s.batch_size,
+        "seq_len": s.seq_len,
+        "grad_ckpt": s.gradient_checkpointing,
+        "optimizer": s.optimizer,
+        "dtype": s.compute_dtype,
+        "double_quant": s.double_quant,
+        "attn": s.attn,
+        "kbit_upcast": s.kbit_upcast,
+    }
+
+
+def measured_peaks(run_dir: Path) -> dict[str, int | None]:
+    """torch's and NVML's peaks for a run, read from its metrics.jsonl and gpu.jsonl."""
+    from engine import runs
+
+    torch_peak = None
+    for event in runs.read_metrics(run_dir):
+        value = event.get("torch_peak_allocated_bytes")
+        if isinstance(value, (int, float)) and (torch_peak is None or value > torch_peak):
+            torch_peak = int(value)
+    nvml_peak, source = runs.peak_memory(runs.read_gpu_samples(run_dir))
+    return {"torch": torch_peak, "nvml": nvml_peak, "nvml_source": source}
+
+
+def run_comparison_markdown(runs_dir: Path, run_name: str | None) -> str:
+    """Prediction against measurement for one run directory, tolerant of missing pieces."""
+    if not run_name:
+        return "Pick a run to compare its measured peak with the prediction."
+    try:
+        import yaml
+
+        from engine import runs
+        from engine.memory import estimate_for_run_config
+
+        run_dir = runs.resolve_run(Path(runs_dir), run_name)
+        config = yaml.safe_load(runs.RunPaths(run_dir).config.read_text(encoding="utf-8")) or {}
+        est = estimate_for_run_config(config)
+        measured = measured_peaks(run_dir)
+    except (LoraLabError, OSError, ValueError) as exc:
+        return f"**Cannot compare:** {exc}"
+    rows = ["| | predicted | measured | error |", "|---|---|---|---|"]
+    for label, predicted, value in (
+        ("torch peak allocated", est.peak_allocated_bytes, measured["torch"]),
+        ("GPU memory used (NVML)", est.nvidia_smi_bytes, measured["nvml"]),
+    ):
+        if value:
+            error = f"{(predicted - value) / value:+.1%}"
+            rows.append(f"| {label} | {predicted / GIB:.2f} GiB | {value / GIB:.2f} GiB | {error} |")
+        else:
+            rows.append(f"| {label} | {predicted / GIB:.2f} GiB | not recorded | |")
+    note = ""
+    if measured["nvml_source"] == "process_rss":
+        note = "\n\nThis run had no NVIDIA GPU: the 'measured' memory is process RAM, not VRAM."
+    return f"**{run_name}** ({est.model}, {METHOD_LABELS[est.settings['method']]}), peak at: {est.peak_phase}\n\n" + \
+        "\n".join(rows) + note
+
+
+def run_names(runs_dir: Path) -> list[str]:
+    try:
+        from engine import runs
+
+        return [summary.name for summary in runs.list_runs(Path(runs_dir))]
+    except Exception:  # noqa: BLE001 - the runs list is a convenience; the tab must still load
+        return []
+
+
+# ----------------------------------------------------------------------------- layout
+def build(ctx) -> None:
+    import gradio as gr
+
+    gr.Markdown("Predict GPU memory before a run, term by term; after a run, compare with what was measured.")
+    with gr.Row():
+        with gr.Column(scale=1):
+            source = gr.Radio(list(SOURCES), value="Catalog", label="Model")
+            catalog_id = gr.Dropdown(catalog_ids(), value="llama-3.1-8b", label="Catalog model")
+            folder = gr.Textbox(label="Folder with config.json, 'demo', or hub id", visible=False)
+            with gr.Group(visible=False) as dims_group:
+                hidden = gr.Number(4096, label="hidden size", precision=0)
+                layers = gr.Number(32, label="layers", precision=0)
+                heads = gr.Number(32, label="attention heads", precision=0)
+                kv_heads = gr.Number(8, label="KV heads", precision=0)
+                intermediate = gr.Number(14336, label="intermediate size", precision=0)
+                vocab = gr.Number(128256, label="vocabulary", precision=0)
+            # The Train tab (built first) shares its form components and a function turning their values into a
+            # run config dict, so this button reads what the Train tab shows in this browser, not a global.
+            use_train = None
+            if ctx.extras.get("train_form_inputs") and callable(ctx.extras.get("train_form_to_config")):
+                use_train = gr.Button("Use Train-tab settings", size="sm")
+        with gr.Column(scale=1):
+            method = gr.Radio([(METHOD_LABELS[m], m) for m in ("full", "lora", "qlora", "lora8bit")], value="qlora",
+                              label="Method (the table and text follow it)")
+            with gr.Row():
+                rank = gr.Number(16, label="rank", precision=0, minimum=1)
+                alpha = gr.Number(32, label="alpha", precision=0, minimum=1)
+            targets = gr.Textbox("all-linear", label="target modules (all-linear or comma-separated)")
+            with gr.Row():
+                dora = gr.Checkbox(False, label="DoRA")
+                dropout = gr.Number(0.0, label="LoRA dropout", minimum=0, maximum=0.99)
+        with gr.Column(scale=1):
+            with gr.Row():
+                batch = gr.Number(1, label="batch size", precision=0, minimum=1)
+                seq_len = gr.Number(2048, label="sequence length", precision=0, minimum=2)
+            grad_ckpt = gr.Checkbox(True, label="gradient checkpointing")
+            optimizer = gr.Dropdown(sorted(set(OPTIMIZERS.values())), value="adamw_torch_fused", label="optimizer")
+            dtype = gr.Dropdown(["bfloat16", "float16", "float32"], value="bfloat16", label="compute dtype")
+            with gr.Accordion("More", open=False):
+                double_quant = gr.Checkbox(True, label="double quantization (QLoRA)")
+                kbit_upcast = gr.Checkbox(True, label="prepare_model_for_kbit_training (fp32 non-quantized weights)")
+                attn = gr.Dropdown(["sdpa", "flash", "eager"], value="sdpa", label="attention")
+                loss = gr.Dropdown([("chunked (TRL fused LM head)", "chunked"),
+                                    ("full logits (transformers loss)", "full_logits")],
+                                   value="chunked", label="loss")
+            gpu = gr.Dropdown(list(GPUS), value=DEFAULT_GPU, label="GPU")
+    estimate_button = gr.Button("Estimate", variant="primary")
+    figure = gr.Plot(label="Full vs LoRA vs QLoRA")
+    summary = gr.Markdown()
+    table = gr.Dataframe(headers=["term", "GiB", "why"], datatype=["str", "number", "str"], wrap=True,
+                         label="Terms of the chosen method")
+
+    inputs = [source, catalog_id, folder, hidden, layers, heads, kv_heads, intermediate, vocab, method, rank, alpha,
+              targets, dora, dropout, batch, seq_len, grad_ckpt, optimizer, dtype, double_quant, attn, loss,
+              kbit_upcast, gpu]
+    estimate_button.click(estimate_view, inputs, [figure, table, summary])
+
+    def on_source(choice):
+        return (gr.update(visible=choice == "Catalog"), gr.update(visible=choice == "Folder or hub id"),
+                gr.update(visible=choice == "Custom dimensions"))
+
+    source.change(on_source, [source], [catalog_id, folder, dims_group])
+
+    if use_train is not None:
+        def from_train(*train_values):
+            run_config = ctx.extras["train_form_to_config"](*train_values)
+            if run_config is None:
+                raise gr.Error("The Train tab's form has invalid values: press Show command there to see which.")
+            try:
+                values = form_from_run_config(run_config)
+            except LoraLabError as exc:
+                raise gr.Error(str(exc)) from exc
+            return (values["source"], gr.update(value=values["catalog_id"], visible=values["source"] == "Catalog"),
+                    gr.update(value=values["folder"], visible=values["source"] != "Catalog"), values["method"],
+                    values["rank"], values["alpha"], values["targets"], values["dora"], values["dropout"],
+                    values["batch"], values["seq_len"], values["grad_ckpt"], values["optimizer"], values["dtype"],
+                    values["double_quant"], values["attn"], values["kbit_upcast"])
+
+        use_train.click(from_train, ctx.extras["train_form_inputs"], [source, catalog_id, folder, method, rank, alpha, targets, dora, dropout,
+                                           batch, seq_len, grad_ckpt, optimizer, dtype, double_quant, attn,
+                                           kbit_upcast]).then(estimate_view, inputs, [figure, table, summary])
+
+    with gr.Accordion("After a run: prediction against measurement", open=False):
+        with gr.Row():
+            run_pick = gr.Dropdown(run_names(ctx.runs_dir), label="Run", allow_custom_value=False)
+            refresh = gr.Button("Refresh runs", size="sm")
+        comparison = gr.Markdown("Pick a run to compare its measured peak with the prediction.")
+        refresh.click(lambda: gr.update(choices=run_names(ctx.runs_dir)), None, [run_pick])
+        run_pick.change(lambda name: run_comparison_markdown(ctx.runs_dir, name), [run_pick], [comparison])
