@@ -278,12 +278,37 @@ def summarize_run(run_dir: Path) -> RunSummary:
     )
 
 
+_summary_cache: dict[Path, tuple[tuple, RunSummary]] = {}
+
+
+def _signature(run_dir: Path) -> tuple:
+    paths = RunPaths(run_dir)
+    signature = []
+    for path in (paths.status, paths.metrics, paths.gpu, paths.config, paths.adapter / "adapter_config.json"):
+        try:
+            stat = path.stat()
+            signature.append((stat.st_mtime_ns, stat.st_size))
+        except FileNotFoundError:
+            signature.append(None)
+    return tuple(signature)
+
+
+def cached_summary(run_dir: Path) -> RunSummary:
+    """``summarize_run``, re-read only when one of the run's files changed (the runs table polls)."""
+    signature = _signature(run_dir)
+    hit = _summary_cache.get(run_dir)
+    if hit is None or hit[0] != signature:
+        hit = (signature, summarize_run(run_dir))
+        _summary_cache[run_dir] = hit
+    return hit[1]
+
+
 def list_runs(runs_dir: Path) -> list[RunSummary]:
     """All runs, newest first; folders without a config are not runs and are skipped."""
     runs_dir = Path(runs_dir)
     if not runs_dir.is_dir():
         return []
-    found = [summarize_run(p) for p in runs_dir.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
+    found = [cached_summary(p) for p in runs_dir.iterdir() if p.is_dir() and (p / "config.yaml").exists()]
     return sorted(found, key=lambda r: r.created_at or 0, reverse=True)
 
 

@@ -191,30 +191,35 @@ STATE_WORDS = {
 }
 
 
-def status_html(run_dir: Path | None, ctx: AppContext) -> str:
+def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | None = None) -> str:
+    """Status line, progress bar and notes; ``metrics`` (already read by a RunWatcher) avoids re-reading files."""
     if run_dir is None:
         return "<div class='loralab-status'>No runs yet. Pick a preset and press <b>Start</b>.</div>"
-    summary = runs.summarize_run(run_dir)
     status = runs.read_status(run_dir)
-    step, total = summary.step, summary.max_steps or 0
+    if metrics is None:
+        metrics = runs.read_metrics(run_dir)
+    state = status.get("state", "unknown")
+    evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None and m.get("step", 0) > 0]
+    baseline = status.get("baseline_eval_loss")
+    step, total = int(status.get("step") or 0), status.get("max_steps") or 0
     percent = 100 * step / total if total else 0
     elapsed = (status.get("ended_at") or time.time()) - status["started_at"] if status.get("started_at") else None
-    eta = status.get("eta_s") if summary.state in runs.ACTIVE_STATES else None
+    eta = status.get("eta_s") if state in runs.ACTIVE_STATES else None
     parts = [
-        f"<div class='loralab-status' id='loralab-status'><b>{html.escape(summary.name)}</b> — "
-        f"<span id='loralab-state'>{STATE_WORDS.get(summary.state, summary.state)}</span>: "
+        f"<div class='loralab-status' id='loralab-status'><b>{html.escape(run_dir.name)}</b> — "
+        f"<span id='loralab-state'>{STATE_WORDS.get(state, state)}</span>: "
         f"{html.escape(status.get('message', ''))}</div>",
         f"<div style='background:#e5e7eb;border-radius:4px;height:14px;margin:6px 0'>"
         f"<div style='background:#2563eb;width:{percent:.1f}%;height:14px;border-radius:4px'></div></div>",
         f"<div>step <b>{step}</b> / {total or '?'} · elapsed {format_duration(elapsed)} · ETA {format_duration(eta)}"
-        + (f" · base eval loss {summary.baseline_eval_loss:.4f}" if summary.baseline_eval_loss else "")
-        + (f" · eval loss {summary.eval_loss:.4f}" if summary.eval_loss is not None else "") + "</div>",
+        + (f" · base eval loss {baseline:.4f}" if baseline else "")
+        + (f" · eval loss {evals[-1]:.4f}" if evals else "") + "</div>",
     ]
-    for sentence in summary.fallbacks:
+    for sentence in status.get("fallbacks", []):
         parts.append(f"<div>• {html.escape(sentence)}</div>")
-    if summary.error:
+    if status.get("error"):
         parts.append(f"<div class='loralab-error' id='loralab-error'><b>Why it failed:</b> "
-                     f"{html.escape(summary.error)}</div>")
+                     f"{html.escape(status['error'])}</div>")
     if ctx.sampler is not None:
         parts.append(f"<div>• {html.escape(ctx.sampler.status_text())}</div>")
     queue = ctx.jobs.queue_names() if ctx.jobs else []
@@ -414,12 +419,14 @@ def build(ctx: AppContext) -> None:
                     gr.skip(), last_key)
         watcher = monitor.watcher(run_dir)
         key = f"{run_dir.name}:{len(watcher.metrics)}:{len(watcher.gpu_samples)}"
-        status_text = status_html(run_dir, ctx)
+        status_text = status_html(run_dir, ctx, watcher.metrics)
         active = runs.read_status(run_dir).get("state") in runs.ACTIVE_STATES
-        if key == last_key and not (not active and ctx.sampler):
-            return status_text, gr.skip(), gr.skip(), gr.skip(), gr.skip(), gr.skip(), key
-        samples = watcher.gpu_samples if watcher.gpu_samples or active else (
-            ctx.sampler.recent(300) if ctx.sampler else [])
+        # A finished run without samples of its own shows the live device memory instead.
+        live = not watcher.gpu_samples and not active and ctx.sampler is not None
+        samples = ctx.sampler.recent(300) if live else watcher.gpu_samples
+        if key == last_key:
+            memory = charts.memory_figure(samples, uirevision=f"memory-{run_dir.name}") if live else gr.skip()
+            return status_text, gr.skip(), memory, gr.skip(), gr.skip(), gr.skip(), key
         revision = run_dir.name
         return (
             status_text,
