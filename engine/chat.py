@@ -18,7 +18,6 @@ blind ratings and the win rate (``engine.chat_ratings``) and ``python -m engine 
 
 from __future__ import annotations
 
-import gc
 import os
 import threading
 import time
@@ -32,6 +31,7 @@ from engine.chat_ratings import BASE, FINETUNED, win_rate
 from engine.chat_sources import (
     LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
 )
+from engine.devices import release_memory
 from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
 
 __all__ = [
@@ -342,14 +342,7 @@ class ChatModels:
             self._adapters.clear()
             self._base_key = None
             self.active = None
-            gc.collect()
-            try:
-                import torch
-
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
-            except ImportError:
-                pass
+            release_memory()
 
     def memory(self) -> dict:
         """Bytes of base weights and of adapter weights in the model, and of the device/process."""

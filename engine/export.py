@@ -16,7 +16,6 @@ under its name. Export names are confined to the exports directory.
 from __future__ import annotations
 
 import argparse
-import gc
 import hashlib
 import os
 import re
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Callable
 
 from engine import runs
+from engine.devices import release_memory
 from engine.errors import LoraLabError, RunError
 
 KINDS = ("adapter", "merged")
@@ -266,18 +266,6 @@ def load_quantized_reference(base_path: str, base_kwargs: dict, adapter_dir: Pat
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
 
-def _free() -> None:
-    """Give memory back between the big steps (the caller has dropped its references)."""
-    gc.collect()
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except ImportError:
-        pass
-
-
 # ----------------------------------------------------------------------------- the export
 def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: str = "bf16",
                max_shard_size: str = "2GB", name: str | None = None, overwrite: bool = False,
@@ -357,7 +345,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
             model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         del model
-        _free()
+        release_memory()
 
         gap = None
         if qlora and quantization_gap:
@@ -366,7 +354,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
                 quantized = load_quantized_reference(base_path, base_kwargs, paths.adapter, config.to_dict()["quant"])
                 gap = export_verify.quantization_gap(quantized, reference)
                 del quantized
-                _free()
+                release_memory()
             except Exception as error:  # noqa: BLE001 - informational only, never fails an export
                 gap = {"error": f"could not load the 4-bit base here: {str(error).splitlines()[0][:200]}"}
 

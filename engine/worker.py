@@ -12,7 +12,6 @@ Read top to bottom: ``main`` -> ``run_training`` -> ``build_*`` helpers.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
