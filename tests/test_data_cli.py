@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import math
 import os
@@ -15,15 +14,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.data import cli_main, load_dataset_rows  # noqa: E402
 
+from tests.data import tiny_tokenizer
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("tiny_tokenizer", DATA / "tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
+    return tiny_tokenizer.save_tiny_tokenizer(tmp_path_factory.mktemp("tok"))
 
 
 def run_json(capsys, *argv) -> tuple[int, dict]:

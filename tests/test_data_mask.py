@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import os
 from pathlib import Path
@@ -16,15 +15,13 @@ from engine.data_preview import CUT_OFF, TRAINED, encode_row, render_segments, t
 from engine.data_stats import compute_token_stats, length_histogram, steps_per_epoch  # noqa: E402
 from engine.errors import DataError  # noqa: E402
 
+from tests.data import tiny_tokenizer
 DATA = Path(__file__).parent / "data"
 MAX_LENGTH = 48
 
 
 def _load_support():
-    spec = importlib.util.spec_from_file_location("tiny_tokenizer", DATA / "tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return tiny_tokenizer
 
 
 support = _load_support()

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import tempfile
@@ -17,6 +16,7 @@ from engine.data_formats import FORMATS
 from engine.data_preview import encode_row, training_template
 from engine.data_stats import StatsAccumulator
 from engine.errors import DataError
+from tests.data import tiny_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 SUFFIXES = [".jsonl", ".json", ".csv", ".tsv", ".parquet", ".dat"]
@@ -63,11 +63,7 @@ PROPERTY_SETTINGS = settings(max_examples=150, deadline=None, suppress_health_ch
 
 
 def _tiny_tokenizer():
-    path = Path(__file__).parent / "data" / "tiny_tokenizer.py"
-    spec = importlib.util.spec_from_file_location("tiny_tokenizer", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.build_tiny_tokenizer()
+    return tiny_tokenizer.build_tiny_tokenizer()
 
 
 TOKENIZER = None

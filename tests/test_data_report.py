@@ -11,6 +11,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.data_report import StatsJob, inspect_dataset  # noqa: E402
 
+from tests.data import tiny_tokenizer
 DATA = Path(__file__).parent / "data"
 
 
@@ -63,12 +64,7 @@ def test_job_errors_are_sentences(tmp_path):
 
 
 def test_context_length_warning_uses_the_tokenizer_limit(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("tiny_tokenizer", DATA / "tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    tokenizer = module.build_tiny_tokenizer()
+    tokenizer = tiny_tokenizer.build_tiny_tokenizer()
     tokenizer.model_max_length = 32
     tokenizer.save_pretrained(tmp_path / "tok")
     report = inspect_dataset(str(DATA / "text.jsonl"), model=str(tmp_path / "tok"), max_length=64)

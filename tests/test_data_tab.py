@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -13,15 +12,13 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from tests.data import tiny_tokenizer
 DATA = Path(__file__).parent / "data"
 
 
 @pytest.fixture(scope="module")
 def tokenizer_folder(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("tiny_tokenizer", DATA / "tiny_tokenizer.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return str(module.save_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
+    return str(tiny_tokenizer.save_tiny_tokenizer(tmp_path_factory.mktemp("tok")))
 
 
 @pytest.fixture(scope="module")
