@@ -3,7 +3,7 @@
 Each measurement runs in a fresh process, so peaks do not leak between them:
 
 - ``base``: the base model alone (``AutoModelForCausalLM``), greedy generation;
-- ``side-by-side``: ``engine.chat.ChatModels`` (the Chat tab's path): the base wrapped in
+- ``side-by-side``: ``engine.chat.models.ChatModels`` (the Chat tab's path): the base wrapped in
   PEFT with the adapter unmerged, generating once with the adapter off and once on;
 - ``two-copies``: what side by side would cost without PEFT's switch (the base plus a
   merged copy), for contrast.
@@ -114,7 +114,7 @@ def child(mode: str, base_dir: str, adapter_dir: str, tokens: int, repeats: int 
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    import engine.chat as chat
+    import engine.chat.models as chat
 
     baseline_rss = psutil.Process().memory_info().rss
     cuda = torch.cuda.is_available()

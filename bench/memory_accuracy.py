@@ -39,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine.memory import GiB, MemorySettings, estimate  # noqa: E402
-from engine.memory_arch import arch_from_config, load_arch  # noqa: E402
+from engine.memory.estimator import GiB, MemorySettings, estimate  # noqa: E402
+from engine.memory.arch import arch_from_config, load_arch  # noqa: E402
 
 DEFAULT_MODELS = "llama-3.2-1b,llama-3.2-3b,llama-3.1-8b"
 TARGET_WORST_ERROR = 0.05
@@ -134,7 +134,7 @@ def measure_one(spec: dict, cache_dir: Path, steps: int) -> dict:
         nvml = None
     import torch
 
-    from engine.memory_measure import build_model, make_batch, make_optimizer, train_steps
+    from bench.memory_harness import build_model, make_batch, make_optimizer, train_steps
 
     arch = load_arch(spec["model"])
     settings = MemorySettings(**spec["settings"])
@@ -191,7 +191,7 @@ def cpu_dry_run(args) -> int:
     """The same comparison on the CPU against live tensors (LiveBytesTracker), with a small model."""
     import torch
 
-    from engine.memory_measure import LiveBytesTracker, build_model, make_batch, make_optimizer, train_steps
+    from bench.memory_harness import LiveBytesTracker, build_model, make_batch, make_optimizer, train_steps
 
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // 2))
     arch = arch_from_config(dict(model_type="llama", hidden_size=256, intermediate_size=704, num_hidden_layers=4,

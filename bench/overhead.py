@@ -45,15 +45,15 @@ print(json.dumps({"runtime": result.metrics["train_runtime"], "tokens": trainer.
 
 
 def run_worker(runs_dir: Path, steps: int) -> float:
-    from engine import runs
-    from engine.config import load_preset
+    from engine.training import rundir
+    from engine.config.schema import load_preset
 
     config = load_preset("demo-lora", [f"train.max_steps={steps}", "data.eval_path=null", "data.eval_fraction=0",
                                        f"train.save_steps={steps * 10}"])
-    run_dir = runs.create_run(runs_dir, config)
-    subprocess.run([sys.executable, "-m", "engine.worker", str(run_dir)], cwd=ROOT, check=True,
+    run_dir = rundir.create_run(runs_dir, config)
+    subprocess.run([sys.executable, "-m", "engine.training.worker", str(run_dir)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     return status["tokens_seen"] / status["train_runtime_s"]
 
 

@@ -39,10 +39,10 @@ def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from gradio_client import Client
 
-    from engine import runs
-    from engine.config import load_preset
+    from engine.training import rundir
+    from engine.config.schema import load_preset
     from engine.demo import ensure_demo_model
-    from engine.jobs import JobManager
+    from engine.training.jobs import JobManager
     from ui.context import AppContext
     from ui.layout import build_app
 
@@ -61,7 +61,7 @@ def main() -> None:
         while time.time() < deadline:
             _, loss_plot, *_ = client.predict(run_dir.name, "", api_name="/tick")
             arrived = time.time()
-            written = {m["step"]: m["t"] for m in runs.read_metrics(run_dir) if m.get("event") == "log"}
+            written = {m["step"]: m["t"] for m in rundir.read_metrics(run_dir) if m.get("event") == "log"}
             for step in steps_in_payload(loss_plot) - seen:
                 if step in written:
                     latencies.append(arrived - written[step])

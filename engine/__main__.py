@@ -10,16 +10,16 @@ import importlib
 import sys
 
 COMMANDS = {
-    "train": ("engine.cli", "train_main", "start a training run from a preset or YAML and follow it"),
-    "runs": ("engine.cli", "runs_main", "list runs with their status and losses"),
-    "stop": ("engine.cli", "stop_main", "ask a running run to stop (twice: force)"),
-    "resume": ("engine.cli", "resume_main", "continue a stopped or interrupted run from its last checkpoint"),
-    "show": ("engine.cli", "show_main", "print a run's status, fallbacks, error and log tail"),
-    "memory": ("engine.memory", "cli_main", "estimate training memory term by term"),
-    "data": ("engine.data", "cli_main", "inspect a dataset: format, counts, token statistics, problems"),
-    "compare": ("engine.chat", "cli_main", "answer prompts with the base and the fine-tuned model"),
-    "export": ("engine.export", "cli_main", "export a run's adapter or merged model"),
-    "demo": ("engine.cli", "demo_main", "build the offline demo model (once; cached)"),
+    "train": ("engine.training.cli", "train_main", "start a training run from a preset or YAML and follow it"),
+    "runs": ("engine.training.cli", "runs_main", "list runs with their status and losses"),
+    "stop": ("engine.training.cli", "stop_main", "ask a running run to stop (twice: force)"),
+    "resume": ("engine.training.cli", "resume_main", "continue a stopped or interrupted run from its last checkpoint"),
+    "show": ("engine.training.cli", "show_main", "print a run's status, fallbacks, error and log tail"),
+    "memory": ("engine.memory.cli", "main", "estimate training memory term by term"),
+    "data": ("engine.data.cli", "main", "inspect a dataset: format, counts, token statistics, problems"),
+    "compare": ("engine.chat.cli", "main", "answer prompts with the base and the fine-tuned model"),
+    "export": ("engine.export.cli", "main", "export a run's adapter or merged model"),
+    "demo": ("engine.demo", "cli_main", "build the offline demo model (once; cached)"),
 }
 
 

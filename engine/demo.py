@@ -298,3 +298,9 @@ def resolve_demo_alias(name: str) -> str:
 if __name__ == "__main__":
     write_demo_dataset()
     ensure_demo_model()
+
+
+def cli_main(argv: list[str] | None = None) -> int:
+    """``python -m engine demo``: build the demo model once (cached) and print its folder."""
+    print(ensure_demo_model())
+    return 0

@@ -37,12 +37,12 @@ def session_runs_dir(tmp_path_factory) -> Path:
 def run_preset_to_end(runs_dir: Path, preset: str, overrides: list[str] = (), name: str | None = None,
                       timeout: float = 600) -> Path:
     """Train through the real worker process, exactly as the dashboard does; return the run dir."""
-    from engine import runs
-    from engine.config import load_preset
-    from engine.jobs import spawn_worker
+    from engine.training import rundir
+    from engine.config.schema import load_preset
+    from engine.training.jobs import spawn_worker
 
     config = load_preset(preset, list(overrides)).validate()
-    run_dir = runs.create_run(runs_dir, config, name=name)
+    run_dir = rundir.create_run(runs_dir, config, name=name)
     process = spawn_worker(run_dir)
     try:
         process.wait(timeout=timeout)

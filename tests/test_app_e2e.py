@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from engine import runs
-from engine.config import load_preset
-from engine.jobs import wait_for_state
+from engine.training import rundir
+from engine.config.schema import load_preset
+from engine.training.jobs import wait_for_state
 from tests.conftest import PROJECT_ROOT
 
 SHORT_RUN = {"train.max_steps": 400, "train.eval_steps": 10}
@@ -76,8 +76,8 @@ def dashboard(tmp_path, demo_model_dir):
     yield board
     board.close()
     for run_dir in (tmp_path / "runs").glob("*"):  # no worker outlives its test
-        pid = runs.read_status(run_dir).get("pid")
-        if pid and runs.read_status(run_dir).get("state") in runs.ACTIVE_STATES:
+        pid = rundir.read_status(run_dir).get("pid")
+        if pid and rundir.read_status(run_dir).get("state") in rundir.ACTIVE_STATES:
             try:
                 os.killpg(pid, signal.SIGKILL)
             except ProcessLookupError:
@@ -93,7 +93,7 @@ def test_start_watch_stop_through_gradio_client(dashboard):
     # An invalid value is refused with the engine's message, and nothing starts.
     bad = client.predict("demo-lora", "lora", *form_values(**{"lora.lora_dropout": 1.5}), api_name="/start")
     assert "lora.lora_dropout" in json.dumps(bad) and "0 <= dropout < 1" in json.dumps(bad)
-    assert runs.list_runs(dashboard.runs_dir) == []
+    assert rundir.list_runs(dashboard.runs_dir) == []
 
     # Show command gives the headless equivalent of the form.
     shown = client.predict("demo-lora", "lora", *form_values(**{"train.max_steps": 7}), api_name="/show_command")
@@ -102,7 +102,7 @@ def test_start_watch_stop_through_gradio_client(dashboard):
 
     client.predict("demo-lora", "lora", *form_values(**{"train.max_steps": 400, "train.save_steps": 5}),
                    api_name="/start")
-    listed = runs.list_runs(dashboard.runs_dir)
+    listed = rundir.list_runs(dashboard.runs_dir)
     assert len(listed) == 1
     run_dir = listed[0].path
 
@@ -115,13 +115,13 @@ def test_start_watch_stop_through_gradio_client(dashboard):
             figure = json.loads(loss_plot["plot"])
             loss_points = sum(len(trace.get("y") or []) for trace in figure["data"] if "loss" in trace.get("name", ""))
         time.sleep(1)
-    assert loss_points >= 2, runs.log_tail(run_dir)
+    assert loss_points >= 2, rundir.log_tail(run_dir)
     assert "Training" in status or "Evaluating" in status
 
     note = client.predict(run_dir.name, api_name="/stop")
     assert "Stopping" in note
-    assert wait_for_state(run_dir, {"stopped", "failed"}, 90) == "stopped", runs.log_tail(run_dir)
-    assert (runs.RunPaths(run_dir).adapter / "adapter_model.safetensors").exists()
+    assert wait_for_state(run_dir, {"stopped", "failed"}, 90) == "stopped", rundir.log_tail(run_dir)
+    assert (rundir.RunPaths(run_dir).adapter / "adapter_model.safetensors").exists()
     status, *_ = client.predict(run_dir.name, "", api_name="/tick")
     assert "Stopped" in status
 
@@ -164,6 +164,6 @@ def test_browser_starts_a_run_and_sees_the_loss_chart(dashboard, artifacts_dir):
         page.screenshot(path=str(artifacts_dir / "runs_table.png"), full_page=True)
         page.locator("#loralab-stop").click()
         browser.close()
-    listed = runs.list_runs(dashboard.runs_dir)
+    listed = rundir.list_runs(dashboard.runs_dir)
     assert len(listed) == 1
     assert wait_for_state(listed[0].path, {"stopped", "failed"}, 90) == "stopped"

@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from engine.chat.cli import main as cli_main
 from engine.chat import (
-    BASE, FINETUNED, ChatModels, Sampling, adapter_options, cli_main, held_out_prompts, prompts_from_file,
+    BASE, FINETUNED, ChatModels, Sampling, adapter_options, held_out_prompts, prompts_from_file,
     prompts_from_lines, resolve_adapter, source_for_folder, source_for_run, token_f1,
 )
-from engine.chat_ratings import make_blind_items, read_ratings, record_rating, win_rate
+from engine.chat.ratings import make_blind_items, read_ratings, record_rating, win_rate
 from engine.errors import ConfigError, DataError, ModelNotFoundError, RunError
 
 DEMO_PROMPT = [{"role": "user", "content": "Extract as JSON: the big red apple is on the table."}]
@@ -78,7 +79,7 @@ def test_base_is_loaded_once_for_both_sides_and_several_adapters(chat_run, monke
 
 
 def test_latest_adapter_of_a_running_run_is_its_newest_checkpoint(chat_run, tmp_path):
-    from engine.runs import update_status
+    from engine.training.rundir import update_status
 
     running = copy_run(chat_run, tmp_path)
     update_status(running, "training")
@@ -175,8 +176,8 @@ def test_load_state_is_described_in_words(loaded, chat_run):
 
 
 def test_run_without_adapter_says_so(tmp_path):
-    from engine.config import load_preset
-    from engine.runs import create_run
+    from engine.config.schema import load_preset
+    from engine.training.rundir import create_run
 
     create_run(tmp_path, load_preset("demo-lora"), name="fresh")
     with pytest.raises(RunError, match="has no adapter yet"):
@@ -207,7 +208,7 @@ def test_adapter_folder_inside_a_run_rates_into_the_run(chat_run):
 
 def test_quantized_run_is_chatted_on_a_4bit_base(chat_run, tmp_path):
     pytest.importorskip("bitsandbytes")
-    from engine.runs import load_config
+    from engine.training.rundir import load_config
 
     run = copy_run(chat_run, tmp_path, "qlora-copy")
     config = load_config(run)

@@ -26,8 +26,8 @@ def text_of(message: dict) -> str:
 
 @pytest.fixture(scope="module")
 def app(demo_lora_run, tmp_path_factory):
-    from engine.config import load_preset
-    from engine.runs import create_run
+    from engine.config.schema import load_preset
+    from engine.training.rundir import create_run
     from ui import chat_tab
     from ui.context import AppContext
 
@@ -108,7 +108,7 @@ def test_stop_ends_a_batch_within_a_second(app):
 
 
 def test_blind_ratings_are_recorded_in_the_run(app):
-    from engine.chat_ratings import read_ratings, win_rate
+    from engine.chat.ratings import read_ratings, win_rate
 
     load(app)
     lines = "Extract as JSON: the big red apple is on the table.\nExtract as JSON: the tiny gray key is near the box."

@@ -6,7 +6,7 @@ import json
 import subprocess
 import sys
 
-from engine import runs
+from engine.training import rundir
 from tests.conftest import PROJECT_ROOT
 
 
@@ -21,7 +21,7 @@ def test_train_from_the_cli_writes_a_normal_run_directory(tmp_path, demo_model_d
     assert result.returncode == 0, result.stderr[-2000:]
     assert "run cli-run: completed" in result.stdout
     assert "note: No CUDA GPU found" in result.stdout  # fallbacks are said at the end
-    status = runs.read_status(tmp_path / "cli-run")
+    status = rundir.read_status(tmp_path / "cli-run")
     assert status["state"] == "completed" and status["step"] == 3
     listed = json.loads(cli("runs", "--json", "--runs-dir", str(tmp_path)).stdout)
     assert [row["name"] for row in listed] == ["cli-run"] and listed[0]["method"] == "qlora"

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from engine.config import RunConfig, list_presets, load_preset
+from engine.config.schema import RunConfig, list_presets, load_preset
 from engine.errors import ConfigError
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.data import DEMO_SOURCE, load_dataset_rows, parse_column_map, split_rows
+from engine.data.load import DEMO_SOURCE, load_dataset_rows, parse_column_map, split_rows
 from engine.errors import ConfigError, DataError
 
 DATA = Path(__file__).parent / "data"

@@ -10,9 +10,9 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.data import load_dataset_rows  # noqa: E402
-from engine.data_preview import CUT_OFF, TRAINED, encode_row, render_segments, training_template  # noqa: E402
-from engine.data_stats import compute_token_stats, length_histogram, steps_per_epoch  # noqa: E402
+from engine.data.load import load_dataset_rows  # noqa: E402
+from engine.data.preview import CUT_OFF, TRAINED, encode_row, render_segments, training_template  # noqa: E402
+from engine.data.stats import compute_token_stats, length_histogram, steps_per_epoch  # noqa: E402
 from engine.errors import DataError  # noqa: E402
 
 from tests.data import tiny_tokenizer
@@ -224,7 +224,7 @@ def test_steps_per_epoch_matches_the_trainer(rows, batch, accumulation, tmp_path
 
 def test_demo_model_mask_matches_the_trainer(demo_model_dir, tmp_path):
     """The tokenizer the dashboard uses by default, on the bundled demo rows."""
-    from engine.data_preview import load_tokenizer
+    from engine.data.preview import load_tokenizer
 
     tokenizer = load_tokenizer("demo")
     rows = load_dataset_rows("demo", limit=4).rows

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.data import load_dataset_rows
-from engine.data_formats import FORMATS
-from engine.data_preview import encode_row, training_template
-from engine.data_stats import StatsAccumulator
+from engine.data.load import load_dataset_rows
+from engine.data.formats import FORMATS
+from engine.data.preview import encode_row, training_template
+from engine.data.stats import StatsAccumulator
 from engine.errors import DataError
 from tests.data import tiny_tokenizer
 

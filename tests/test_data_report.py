@@ -9,7 +9,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.data_report import StatsJob, inspect_dataset  # noqa: E402
+from engine.data.report import StatsJob, inspect_dataset  # noqa: E402
 
 from tests.data import tiny_tokenizer
 DATA = Path(__file__).parent / "data"

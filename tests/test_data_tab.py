@@ -84,7 +84,7 @@ def test_row_and_page_navigation(client, tokenizer_folder):
 def test_statistics_histogram_matches_a_direct_count(client, tokenizer_folder):
     from transformers import AutoTokenizer
 
-    from engine.data import load_dataset_rows
+    from engine.data.load import load_dataset_rows
 
     source = str(DATA / "messages.jsonl")
     text, plot, figures, warnings = run_stats(client, source, tokenizer_folder, max_length=40)

@@ -1,6 +1,6 @@
 """Export: adapter package and merged model from a real demo run, reloaded and checked here.
 
-The checks in this file do not trust ``engine.export_verify``: they reload the exports
+The checks in this file do not trust ``engine.export.verify``: they reload the exports
 with plain transformers / PEFT themselves and compare against the run's adapter on the
 base. Corrupted exports must fail verification, so the check is shown to be able to fail.
 """
@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import runs
-from engine.export import (ExportError, cli_main, export_run, list_exports, safe_export_dir, zip_export)
-from engine.export_verify import UNIT_ROUNDOFF, VerificationError, tolerance_for
+from engine.export.cli import main as cli_main
+from engine.training import rundir
+from engine.export.exporter import (ExportError, export_run, list_exports, safe_export_dir, zip_export)
+from engine.export.verify import UNIT_ROUNDOFF, VerificationError, tolerance_for
 
 PROMPT = [{"role": "user", "content": "Extract as JSON: the small green key is near the door."}]
 
@@ -47,7 +48,7 @@ def merged_export(demo_lora_run, exports_dir):
 def tokenizer(demo_lora_run):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(runs.RunPaths(demo_lora_run).adapter))
+    return AutoTokenizer.from_pretrained(str(rundir.RunPaths(demo_lora_run).adapter))
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +68,7 @@ def run_model(demo_model_dir, demo_lora_run):
     """The run as trained: float32 base + the run's adapter, unmerged."""
     from peft import PeftModel
 
-    return PeftModel.from_pretrained(base_model(demo_model_dir), str(runs.RunPaths(demo_lora_run).adapter)).eval()
+    return PeftModel.from_pretrained(base_model(demo_model_dir), str(rundir.RunPaths(demo_lora_run).adapter)).eval()
 
 
 def logits(model, ids):
@@ -135,8 +136,8 @@ def test_card_and_lineage_name_the_right_hashes(adapter_export, merged_export, d
 
     base_hash = folder_content_hash(demo_model_dir)["content_sha256"]
     train_hash, eval_hash = sha256(demo_dataset_path("train")), sha256(demo_dataset_path("eval"))
-    adapter_hash = sha256(runs.RunPaths(demo_lora_run).adapter / "adapter_model.safetensors")
-    summary = runs.summarize_run(demo_lora_run)
+    adapter_hash = sha256(rundir.RunPaths(demo_lora_run).adapter / "adapter_model.safetensors")
+    summary = rundir.summarize_run(demo_lora_run)
     for export in (adapter_export, merged_export):
         card = (export.path / "README.md").read_text()
         record = json.loads((export.path / "lineage.json").read_text())
@@ -160,7 +161,7 @@ def test_card_and_lineage_name_the_right_hashes(adapter_export, merged_export, d
         for name, entry in record["export"]["files"].items():
             assert entry["sha256"] == sha256(export.path / name)
     assert (adapter_export.path / "adapter_model.safetensors").read_bytes() == \
-        (runs.RunPaths(demo_lora_run).adapter / "adapter_model.safetensors").read_bytes()
+        (rundir.RunPaths(demo_lora_run).adapter / "adapter_model.safetensors").read_bytes()
 
 
 def test_card_snippet_loads_and_generates(adapter_export, merged_export, exports_dir, monkeypatch, capsys):
@@ -177,13 +178,13 @@ def test_card_snippet_loads_and_generates(adapter_export, merged_export, exports
 # ----------------------------------------------------------------------------- verification can fail
 @pytest.fixture(scope="module")
 def reference(run_model, tokenizer):
-    from engine.export_verify import reference_outputs
+    from engine.export.verify import reference_outputs
 
     return reference_outputs(run_model, tokenizer)
 
 
 def test_merged_export_without_the_adapter_fails_verification(tmp_path, demo_model_dir, reference, tokenizer):
-    from engine.export_verify import verify_export
+    from engine.export.verify import verify_export
 
     base = base_model(demo_model_dir).to(torch.bfloat16)
     base.save_pretrained(str(tmp_path))
@@ -198,9 +199,9 @@ def test_merged_export_with_wrong_lora_scaling_fails_verification(tmp_path, demo
     """A 10% error in alpha/r, a plausible bug, is far outside bf16 rounding."""
     from peft import PeftModel
 
-    from engine.export_verify import verify_export
+    from engine.export.verify import verify_export
 
-    model = PeftModel.from_pretrained(base_model(demo_model_dir), str(runs.RunPaths(demo_lora_run).adapter))
+    model = PeftModel.from_pretrained(base_model(demo_model_dir), str(rundir.RunPaths(demo_lora_run).adapter))
     for module in model.modules():
         if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
             module.scaling["default"] *= 1.1
@@ -215,7 +216,7 @@ def test_merged_export_with_a_non_finite_weight_fails_verification(tmp_path, mer
     """NaN logits must fail (a plain max() would skip them): an fp16 overflow looks like this."""
     from safetensors.torch import load_file, save_file
 
-    from engine.export_verify import verify_export
+    from engine.export.verify import verify_export
 
     shutil.copytree(merged_export.path, tmp_path / "corrupt")
     shard = sorted((tmp_path / "corrupt").glob("model-*.safetensors"))[-1]
@@ -232,7 +233,7 @@ def test_adapter_package_with_a_zeroed_matrix_fails_verification(tmp_path, adapt
                                                                  reference, tokenizer):
     from safetensors.torch import load_file, save_file
 
-    from engine.export_verify import verify_export
+    from engine.export.verify import verify_export
 
     shutil.copytree(adapter_export.path, tmp_path / "corrupt")
     weights_path = tmp_path / "corrupt" / "adapter_model.safetensors"
@@ -283,11 +284,11 @@ def test_export_name_through_a_symlink_is_refused(tmp_path):
 
 
 def make_run(runs_dir: Path, state: str | None, **fields) -> Path:
-    from engine.config import load_preset
+    from engine.config.schema import load_preset
 
-    run_dir = runs.create_run(runs_dir, load_preset("demo-lora"))
+    run_dir = rundir.create_run(runs_dir, load_preset("demo-lora"))
     if state:
-        runs.update_status(run_dir, state, **fields)
+        rundir.update_status(run_dir, state, **fields)
     return run_dir
 
 
@@ -308,7 +309,7 @@ def test_a_run_without_an_adapter_says_why(tmp_path, state, expected):
 def test_a_run_that_is_training_again_is_not_exported(demo_lora_run, tmp_path):
     copy = tmp_path / "resumed"
     shutil.copytree(demo_lora_run, copy, ignore=shutil.ignore_patterns("checkpoints"))
-    runs.update_status(copy, "training")
+    rundir.update_status(copy, "training")
     with pytest.raises(ExportError, match="is training right now"):
         export_run(copy, tmp_path / "exports", kind="adapter")
 
@@ -327,7 +328,7 @@ def test_bad_shard_sizes_and_dtypes_are_refused(demo_lora_run, tmp_path, size):
 
 
 def test_merge_is_refused_when_the_disk_is_too_full(demo_lora_run, tmp_path, monkeypatch):
-    import engine.export as export
+    import engine.export.exporter as export
 
     real = shutil.disk_usage
     monkeypatch.setattr(export.shutil, "disk_usage",
@@ -339,11 +340,11 @@ def test_merge_is_refused_when_the_disk_is_too_full(demo_lora_run, tmp_path, mon
 
 
 def test_a_changed_base_model_is_refused(demo_lora_run, tmp_path):
-    record = json.loads(runs.RunPaths(demo_lora_run).lineage.read_text())
+    record = json.loads(rundir.RunPaths(demo_lora_run).lineage.read_text())
     fake_run = tmp_path / "run"
     shutil.copytree(demo_lora_run, fake_run, ignore=shutil.ignore_patterns("checkpoints"))
     record["base_model"]["content_sha256"] = "0" * 64
-    runs.write_json_atomic(runs.RunPaths(fake_run).lineage, record)
+    rundir.write_json_atomic(rundir.RunPaths(fake_run).lineage, record)
     with pytest.raises(ExportError, match="has changed since run"):
         export_run(fake_run, tmp_path / "exports", kind="adapter")
 
@@ -396,20 +397,20 @@ def qlora_run(tmp_path_factory, demo_model_dir) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from engine.config import load_preset
+    from engine.config.schema import load_preset
     from engine.lineage import model_lineage, software_lineage
 
-    run_dir = runs.create_run(tmp_path_factory.mktemp("qruns"), load_preset("demo-qlora"), name="qlora-run")
+    run_dir = rundir.create_run(tmp_path_factory.mktemp("qruns"), load_preset("demo-qlora"), name="qlora-run")
     torch.manual_seed(0)
     lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False,
                       task_type="CAUSAL_LM")
     model = get_peft_model(base_model(demo_model_dir), lora)
-    paths = runs.RunPaths(run_dir)
+    paths = rundir.RunPaths(run_dir)
     model.save_pretrained(str(paths.adapter))
     AutoTokenizer.from_pretrained(str(demo_model_dir)).save_pretrained(str(paths.adapter))
-    runs.write_json_atomic(paths.lineage, {"base_model": model_lineage("demo", str(demo_model_dir), None),
+    rundir.write_json_atomic(paths.lineage, {"base_model": model_lineage("demo", str(demo_model_dir), None),
                                            "data": {}, "software": software_lineage(), "method": "qlora"})
-    runs.update_status(run_dir, "completed", step=0)
+    rundir.update_status(run_dir, "completed", step=0)
     return run_dir
 
 
@@ -426,7 +427,7 @@ def test_qlora_merge_is_onto_the_full_precision_base_and_the_card_says_so(qlora_
 
 
 def test_card_reports_the_blind_win_rate(adapter_export):
-    from engine.export_card import render_card
+    from engine.export.card import render_card
 
     record = json.loads((adapter_export.path / "lineage.json").read_text())
     record["ratings"] = {"win_rate": 0.75, "wins": 6, "count": 8}

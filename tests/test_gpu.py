@@ -15,8 +15,8 @@ import psutil
 import pynvml
 import pytest
 
-from engine.gpu import GpuSampler, take_rss_sample, take_sample
-from engine.runs import read_gpu_samples
+from engine.training.sampler import GpuSampler, take_rss_sample, take_sample
+from engine.training.rundir import read_gpu_samples
 from tests.fake_pynvml import NOT_AVAILABLE, FakeGpu, FakeNvml, FakeProcess, GiB
 
 REPO = Path(__file__).resolve().parent.parent
@@ -276,7 +276,7 @@ def test_rss_sample_without_a_worker_is_empty():
 
 
 def test_importing_the_sampler_does_not_import_torch():
-    code = "import sys, engine.gpu; assert 'torch' not in sys.modules, 'torch imported'"
+    code = "import sys, engine.training.sampler; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True)
 
 

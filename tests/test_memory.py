@@ -24,12 +24,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from engine.memory.cli import main as cli_main
 from engine.errors import ConfigError, ModelNotFoundError  # noqa: E402
-from engine.memory import (  # noqa: E402
+from engine.memory.estimator import (  # noqa: E402
     GPUS,
     MemoryEstimate,
     MemorySettings,
-    cli_main,
     estimate,
     estimate_for_run_config,
     fits_on_gpus,
@@ -40,8 +40,8 @@ from engine.memory import (  # noqa: E402
     settings_from_run_config,
     trace_plan,
 )
-from engine.memory_activations import activation_profile  # noqa: E402
-from engine.memory_arch import (  # noqa: E402
+from engine.memory.activations import activation_profile  # noqa: E402
+from engine.memory.arch import (  # noqa: E402
     ArchitectureIncompleteError,
     arch_from_config,
     arch_from_numbers,
@@ -95,7 +95,7 @@ def test_catalog_dimensions_give_the_published_parameter_count(model_id):
     ],
 )
 def test_parameter_counts_equal_peft_on_the_meta_device(model_id, settings, torch):
-    from engine.memory_measure import meta_parameter_counts
+    from bench.memory_harness import meta_parameter_counts
 
     arch = load_arch(model_id)
     s = MemorySettings(**settings)
@@ -107,7 +107,7 @@ def test_parameter_counts_equal_peft_on_the_meta_device(model_id, settings, torc
 # ----------------------------------------------------------------------------- quantization
 @pytest.mark.parametrize("method, double_quant", [("qlora", True), ("qlora", False), ("lora8bit", False)])
 def test_quantized_weight_bytes_match_bitsandbytes(method, double_quant, torch, tmp_path):
-    from engine.memory_measure import build_model, quantized_storage_bytes
+    from bench.memory_harness import build_model, quantized_storage_bytes
 
     # 56 x 150 weights are not a multiple of the 64-weight block: the last block is partial.
     arch = tiny_arch(hidden_size=56, intermediate_size=150, num_attention_heads=4, num_key_value_heads=2)
@@ -143,7 +143,7 @@ ACTIVATION_CASES = [
 
 @pytest.mark.parametrize("family, settings", ACTIVATION_CASES)
 def test_activation_bytes_match_saved_tensors(family, settings, torch, tmp_path):
-    from engine.memory_measure import build_model, make_batch, measure_saved_bytes
+    from bench.memory_harness import build_model, make_batch, measure_saved_bytes
 
     arch = tiny_arch(family)
     s = MemorySettings(batch_size=2, device="cpu", **settings).normalized()
@@ -167,7 +167,7 @@ PEAK_CASES = [
 @pytest.mark.parametrize("settings", PEAK_CASES)
 def test_peak_matches_live_tensors_on_cpu(settings, torch, tmp_path):
     """The phase model (what is alive at the peak) against every tensor alive during real steps."""
-    from engine.memory_measure import LiveBytesTracker, build_model, make_batch, make_optimizer, train_steps
+    from bench.memory_harness import LiveBytesTracker, build_model, make_batch, make_optimizer, train_steps
 
     arch = tiny_arch(hidden_size=128, intermediate_size=352, num_hidden_layers=3, vocab_size=1024)
     s = MemorySettings(batch_size=2, seq_len=256, device="cpu", **settings)
@@ -289,7 +289,7 @@ def test_run_config_mapping():
 
 def test_run_config_from_the_config_module():
     """The Train tab's RunConfig dictionaries map without translation."""
-    config_module = pytest.importorskip("engine.config")
+    config_module = pytest.importorskip("engine.config.schema")
     run_config = config_module.RunConfig().to_dict()
     run_config["model"]["name_or_path"] = "smollm2-135m"
     est = estimate_for_run_config(run_config)
@@ -318,7 +318,7 @@ def test_cli_table_and_errors(capsys):
 
 
 def test_estimator_and_tab_do_not_import_torch():
-    code = "import sys, engine.memory, ui.memory_tab; print('torch' in sys.modules)"
+    code = "import sys, engine.memory.estimator, ui.memory_tab; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "False"
@@ -341,8 +341,8 @@ def test_memory_tab_helpers(tmp_path):
 
 
 def test_run_comparison_reads_a_run_directory(tmp_path):
-    config_module = pytest.importorskip("engine.config")
-    runs = pytest.importorskip("engine.runs")
+    config_module = pytest.importorskip("engine.config.schema")
+    runs = pytest.importorskip("engine.training.rundir")
     from ui import memory_tab
 
     config = config_module.RunConfig()

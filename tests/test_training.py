@@ -5,18 +5,18 @@ from __future__ import annotations
 import hashlib
 import json
 
-from engine import runs
+from engine.training import rundir
 from engine.demo import demo_dataset_path
 from tests.conftest import run_preset_to_end
 
 
 def _eval_losses(run_dir):
-    return [(m["step"], m["eval_loss"]) for m in runs.read_metrics(run_dir) if m.get("event") == "eval"]
+    return [(m["step"], m["eval_loss"]) for m in rundir.read_metrics(run_dir) if m.get("event") == "eval"]
 
 
 def test_demo_lora_cuts_held_out_loss_by_at_least_30_percent(demo_lora_run):
-    status = runs.read_status(demo_lora_run)
-    assert status["state"] == "completed", runs.log_tail(demo_lora_run)
+    status = rundir.read_status(demo_lora_run)
+    assert status["state"] == "completed", rundir.log_tail(demo_lora_run)
     evals = _eval_losses(demo_lora_run)
     assert evals[0][0] == 0, "the base model's held-out loss is measured before the first step"
     baseline, final = evals[0][1], evals[-1][1]
@@ -28,7 +28,7 @@ def test_demo_lora_cuts_held_out_loss_by_at_least_30_percent(demo_lora_run):
 
 
 def test_metrics_stream_has_what_the_charts_need(demo_lora_run):
-    metrics = runs.read_metrics(demo_lora_run)
+    metrics = rundir.read_metrics(demo_lora_run)
     logs = [m for m in metrics if m["event"] == "log"]
     assert len(logs) >= 10 and len(_eval_losses(demo_lora_run)) >= 3
     for key in ("step", "epoch", "loss", "learning_rate", "grad_norm", "tokens_per_second", "elapsed_s", "eta_s", "t"):
@@ -42,7 +42,7 @@ def test_metrics_stream_has_what_the_charts_need(demo_lora_run):
 
 
 def test_adapter_and_lineage_are_saved(demo_lora_run):
-    paths = runs.RunPaths(demo_lora_run)
+    paths = rundir.RunPaths(demo_lora_run)
     assert (paths.adapter / "adapter_config.json").exists()
     assert (paths.adapter / "adapter_model.safetensors").exists()
     assert (paths.adapter / "tokenizer.json").exists()
@@ -55,15 +55,15 @@ def test_adapter_and_lineage_are_saved(demo_lora_run):
     assert lineage["data"]["eval"]["num_rows"] == 200
     assert len(lineage["base_model"]["content_sha256"]) == 64
     assert lineage["software"]["packages"]["trl"]
-    status = runs.read_status(demo_lora_run)
+    status = rundir.read_status(demo_lora_run)
     assert any("CUDA" in sentence for sentence in status["fallbacks"]), "running on the CPU is said, not silent"
     assert 0 < status["trainable_parameters"] < status["total_parameters"]
 
 
 def test_demo_qlora_trains_real_4bit_layers(demo_model_dir, session_runs_dir):
     run_dir = run_preset_to_end(session_runs_dir, "demo-qlora", name="demo-qlora-session")
-    status = runs.read_status(run_dir)
-    assert status["state"] == "completed", runs.log_tail(run_dir)
+    status = rundir.read_status(run_dir)
+    assert status["state"] == "completed", rundir.log_tail(run_dir)
     assert status["linear4bit_layers"] == 4 * 7, "every linear layer of the 4 blocks is bitsandbytes Linear4bit"
     evals = _eval_losses(run_dir)
     baseline, final = evals[0][1], evals[-1][1]

@@ -12,7 +12,7 @@ Metric events (one per line of metrics.jsonl; any key may be missing)::
     {"event": "log"|"eval", "step", "epoch", "loss", "eval_loss", "learning_rate",
      "grad_norm", "tokens_per_second", "elapsed_s", "eta_s", "t"}
 
-Memory samples: the format documented in ``engine.gpu``.
+Memory samples: the format documented in ``engine.training.sampler``.
 """
 
 from __future__ import annotations

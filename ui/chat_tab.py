@@ -1,7 +1,7 @@
 """Chat tab: the fine-tuned model beside its base on the same prompt, and blind A/B rating.
 
-Layout and wiring only. Loading, generation, prompt sets and ratings are ``engine.chat*``;
-the app holds one ``engine.chat.ChatModels`` (one base in memory, several adapters), kept in
+Layout and wiring only. Loading, generation, prompt sets and ratings are ``engine.chat.models*``;
+the app holds one ``engine.chat.models.ChatModels`` (one base in memory, several adapters), kept in
 ``ctx.extras["chat_models"]``. Stop works through a per-browser-session ``threading.Event``
 that generation checks at every token, and the stop buttons also cancel the UI events.
 """
@@ -17,11 +17,11 @@ from engine.chat import (
     LATEST, ChatModels, Sampling, adapter_options, clean_messages, held_out_prompts, prompts_from_file,
     prompts_from_lines, resolve_adapter, with_system_prompt,
 )
-from engine.chat_ratings import (
+from engine.chat.ratings import (
     FINETUNED, BlindItem, describe_win_rate, make_blind_items, record_rating, win_rate,
 )
 from engine.errors import LoraLabError
-from engine.runs import list_runs
+from engine.training.rundir import list_runs
 
 SOURCE_HELD_OUT, SOURCE_FILE, SOURCE_LINES = "Run's held-out split", "File", "Typed lines"
 LABELED_HEADERS = ["prompt", "base answer", "fine-tuned answer", "reference", "base F1", "fine-tuned F1"]
@@ -82,7 +82,7 @@ def refresh_runs(runs_dir, current):
 
 
 def _adapter_dropdown(runs_dir, run_name) -> dict:
-    from engine.runs import resolve_run
+    from engine.training.rundir import resolve_run
 
     try:
         options = adapter_options(resolve_run(runs_dir, run_name)) if run_name else []
@@ -276,7 +276,7 @@ def rate(batch, choice: str):
     item = BlindItem(prompt=row["prompt"], answer_a=a, answer_b=b, a_side=row["a_side"], reference=row.get("reference"))
     from pathlib import Path
 
-    from engine.runs import RunPaths
+    from engine.training.rundir import RunPaths
 
     record_rating(RunPaths(Path(batch["ratings_dir"])).ratings, item, choice, sampling=batch["sampling"],
                   adapter=batch["adapter"], base_model=batch["base_model"])

@@ -11,8 +11,8 @@ from typing import Any
 class AppContext:
     runs_dir: Path
     exports_dir: Path
-    jobs: Any = None  # engine.jobs.JobManager
-    sampler: Any = None  # engine.gpu.GpuSampler
+    jobs: Any = None  # engine.training.jobs.JobManager
+    sampler: Any = None  # engine.training.sampler.GpuSampler
     max_upload_mb: int = 200
     uploads_dir: Path | None = None
     # Shared between tabs: the Train tab puts its form components and a values -> config function here.

@@ -1,6 +1,6 @@
 """Dataset tab: what the model will be trained on, before a run starts.
 
-Layout only; loading, rendering and counting are ``engine.data*`` functions, the same
+Layout only; loading, rendering and counting are ``engine.data.load*`` functions, the same
 ones the worker trains with. The preview reads the first rows; the statistics run over
 the whole dataset in a background thread that a ``gr.Timer`` polls.
 """
@@ -15,7 +15,7 @@ from collections import OrderedDict
 
 import gradio as gr
 
-from engine.data_formats import FORMATS
+from engine.data.formats import FORMATS
 
 PREVIEW_ROWS = 500
 PAGE_SIZE = 10
@@ -77,7 +77,7 @@ def _raw_text(value) -> str:
 # ----------------------------------------------------------------------------- handlers
 def load_preview(source, upload, split, fmt, columns, skip_bad, model, max_length, max_upload_mb):
     """Read the first rows; returns (status, preview state, page, table, rendered, row info, row number)."""
-    from engine.data import load_dataset_rows
+    from engine.data.load import load_dataset_rows
 
     try:
         path = _source_of(source, upload, max_upload_mb)
@@ -110,7 +110,7 @@ def load_preview(source, upload, split, fmt, columns, skip_bad, model, max_lengt
 
 def _tokenizer_for(preview: dict):
     """(tokenizer, template, error text) for the preview's model; tokenizer None on failure."""
-    from engine.data_preview import load_tokenizer, training_template
+    from engine.data.preview import load_tokenizer, training_template
 
     try:
         tokenizer = load_tokenizer(preview["model"])
@@ -122,7 +122,7 @@ def _tokenizer_for(preview: dict):
 def _page_table(preview: dict | None, page: int) -> list[list]:
     if not preview:
         return []
-    from engine.data_preview import encode_row
+    from engine.data.preview import encode_row
 
     loaded = preview["loaded"]
     max_length = _int(preview["max_length"], DEFAULT_MAX_LENGTH)
@@ -147,7 +147,7 @@ def _render(preview: dict | None, row_number) -> tuple[list, str]:
     """(highlighted segments, explanation) for one previewed row."""
     if not preview:
         return [], ""
-    from engine.data_preview import encode_row, render_segments
+    from engine.data.preview import encode_row, render_segments
 
     loaded = preview["loaded"]
     index = _int(row_number, 1) - 1
@@ -201,7 +201,7 @@ def start_stats(
     batch_size, grad_accum, seed, max_upload_mb,
 ):
     """Start the whole-dataset pass; returns (job id, progress text, timer)."""
-    from engine.data_report import StatsJob
+    from engine.data.report import StatsJob
 
     if old_job and old_job in _jobs:
         _jobs[old_job].cancel()
@@ -298,7 +298,7 @@ def histogram_figure(lengths: list[int], max_length: int | None):
     """Token-length histogram with the max_length line; bins counted in the engine."""
     import plotly.graph_objects as go
 
-    from engine.data_stats import length_histogram
+    from engine.data.stats import length_histogram
 
     starts, counts = length_histogram(lengths)
     width = (starts[1] - starts[0]) if len(starts) > 1 else 1
@@ -333,7 +333,7 @@ def _starting_values() -> dict:
     values = dict(source="demo", model="demo", max_length=DEFAULT_MAX_LENGTH, batch=4, accumulation=1,
                   eval_fraction=0.1, seed=42)
     try:
-        from engine.config import load_preset
+        from engine.config.schema import load_preset
 
         config = load_preset("demo-lora", [])
         values.update(

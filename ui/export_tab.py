@@ -1,6 +1,6 @@
 """Export tab: ship a run as an adapter package or a merged model, verified, and download it.
 
-Layout and wiring only; exporting, verifying and zipping are ``engine.export`` functions
+Layout and wiring only; exporting, verifying and zipping are ``engine.export.exporter`` functions
 (the same ones ``python -m engine export`` runs). One export runs at a time: a merge
 holds the whole base model in memory.
 """
@@ -33,14 +33,14 @@ def _error_text(error: Exception) -> str:
 
 # ----------------------------------------------------------------------------- handlers
 def run_choices(runs_dir: Path):
-    from engine.export import exportable_runs
+    from engine.export.exporter import exportable_runs
 
     names = exportable_runs(runs_dir)
     return gr.update(choices=names, value=names[0] if names else None)
 
 
 def export_choices(exports_dir: Path, selected: str | None = None):
-    from engine.export import list_exports
+    from engine.export.exporter import list_exports
 
     names = [item["name"] for item in list_exports(exports_dir)]
     return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
@@ -68,8 +68,8 @@ def report_markdown(result) -> str:
 
 def do_export(ctx, run_name, kind_label, dtype, shard_size, name, overwrite, progress=None):
     """Returns (status markdown, exports dropdown update)."""
-    from engine import runs
-    from engine.export import export_run
+    from engine.training import rundir
+    from engine.export.exporter import export_run
 
     if not run_name:
         return "**Export failed:** choose a run with an adapter first (press Refresh if it just finished).", gr.update()
@@ -77,7 +77,7 @@ def do_export(ctx, run_name, kind_label, dtype, shard_size, name, overwrite, pro
         return "**Export not started:** another export is running; wait for it to finish.", gr.update()
     try:
         report = (lambda fraction, message: progress(fraction, desc=message)) if progress else None
-        run_dir = runs.resolve_run(ctx.runs_dir, run_name)
+        run_dir = rundir.resolve_run(ctx.runs_dir, run_name)
         result = export_run(run_dir, ctx.exports_dir, kind=KIND_LABELS.get(kind_label, kind_label), dtype=dtype,
                             max_shard_size=shard_size, name=(name or "").strip() or None, overwrite=bool(overwrite),
                             progress=report)
@@ -90,7 +90,7 @@ def do_export(ctx, run_name, kind_label, dtype, shard_size, name, overwrite, pro
 
 def do_zip(ctx, export_name, progress=None):
     """Returns (zip status markdown, download button update)."""
-    from engine.export import zip_export
+    from engine.export.exporter import zip_export
 
     if not export_name:
         return "Choose an export first.", gr.update(visible=False)
@@ -106,13 +106,13 @@ def do_zip(ctx, export_name, progress=None):
 
 # ----------------------------------------------------------------------------- layout
 def build(ctx) -> None:
-    from engine.export import exportable_runs, list_exports
+    from engine.export.exporter import exportable_runs, list_exports
 
     gr.Markdown(EXPLANATION)
     runs_now = exportable_runs(ctx.runs_dir)
     with gr.Row():
         # Custom values are allowed so a run finished after page load can be typed or refreshed in;
-        # every name still goes through engine.runs.resolve_run, which refuses paths.
+        # every name still goes through engine.training.rundir.resolve_run, which refuses paths.
         run = gr.Dropdown(label="Run (runs with a saved adapter)", choices=runs_now, allow_custom_value=True,
                           value=runs_now[0] if runs_now else None, scale=4)
         refresh = gr.Button("Refresh runs", size="sm", scale=1)

@@ -1,6 +1,6 @@
 """The Memory tab: "will this fit, and why?" before a run, prediction against measurement after.
 
-Layout and wiring only; the numbers come from ``engine.memory``. The pure helpers below
+Layout and wiring only; the numbers come from ``engine.memory.estimator``. The pure helpers below
 (form -> settings, estimates -> figure / table / text, run directory -> comparison) are
 what the tests call; ``build(ctx)`` only lays components out and connects them.
 No torch import here: the estimator is arithmetic.
@@ -15,7 +15,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from engine.errors import LoraLabError
-from engine.memory import (
+from engine.memory.estimator import (
     GPUS,
     METHOD_LABELS,
     OPTIMIZERS,
@@ -27,7 +27,7 @@ from engine.memory import (
     max_batch_or_seq_that_fits,
     settings_from_run_config,
 )
-from engine.memory_arch import ModelArch, arch_from_numbers, catalog_ids, load_arch
+from engine.memory.arch import ModelArch, arch_from_numbers, catalog_ids, load_arch
 
 GIB = 2**30
 SOURCES = ("Catalog", "Folder or hub id", "Custom dimensions")
@@ -172,7 +172,7 @@ def estimate_view(source, catalog_id, folder, hidden, layers, heads, kv_heads, i
 
 
 def form_from_run_config(run_config: dict) -> dict:
-    """Form values for a Train-tab run config (see engine.memory.settings_from_run_config)."""
+    """Form values for a Train-tab run config (see engine.memory.estimator.settings_from_run_config)."""
     name, s = settings_from_run_config(run_config)
     catalog = name in catalog_ids()
     return {
@@ -198,14 +198,13 @@ def form_from_run_config(run_config: dict) -> dict:
 
 def measured_peaks(run_dir: Path) -> dict[str, int | None]:
     """torch's and NVML's peaks for a run, read from its metrics.jsonl and gpu.jsonl."""
-    from engine import runs
-
+    from engine.training import rundir
     torch_peak = None
-    for event in runs.read_metrics(run_dir):
+    for event in rundir.read_metrics(run_dir):
         value = event.get("torch_peak_allocated_bytes")
         if isinstance(value, (int, float)) and (torch_peak is None or value > torch_peak):
             torch_peak = int(value)
-    nvml_peak, source = runs.peak_memory(runs.read_gpu_samples(run_dir))
+    nvml_peak, source = rundir.peak_memory(rundir.read_gpu_samples(run_dir))
     return {"torch": torch_peak, "nvml": nvml_peak, "nvml_source": source}
 
 
@@ -216,11 +215,11 @@ def run_comparison_markdown(runs_dir: Path, run_name: str | None) -> str:
     try:
         import yaml
 
-        from engine import runs
-        from engine.memory import estimate_for_run_config
+        from engine.training import rundir
+        from engine.memory.estimator import estimate_for_run_config
 
-        run_dir = runs.resolve_run(Path(runs_dir), run_name)
-        config = yaml.safe_load(runs.RunPaths(run_dir).config.read_text(encoding="utf-8")) or {}
+        run_dir = rundir.resolve_run(Path(runs_dir), run_name)
+        config = yaml.safe_load(rundir.RunPaths(run_dir).config.read_text(encoding="utf-8")) or {}
         est = estimate_for_run_config(config)
         measured = measured_peaks(run_dir)
     except (LoraLabError, OSError, ValueError) as exc:
@@ -244,9 +243,8 @@ def run_comparison_markdown(runs_dir: Path, run_name: str | None) -> str:
 
 def run_names(runs_dir: Path) -> list[str]:
     try:
-        from engine import runs
-
-        return [summary.name for summary in runs.list_runs(Path(runs_dir))]
+        from engine.training import rundir
+        return [summary.name for summary in rundir.list_runs(Path(runs_dir))]
     except Exception:  # noqa: BLE001 - the runs list is a convenience; the tab must still load
         return []
 

@@ -2,7 +2,7 @@
 
 Layout and wiring only. Every value comes from and goes to the engine: the form maps
 one-to-one onto ``RunConfig`` fields, the charts read the run directory through
-``engine.runs.RunWatcher``, and actions go through the ``JobManager``.
+``engine.training.rundir.RunWatcher``, and actions go through the ``JobManager``.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from engine import runs
+from engine.training import rundir
 from engine.config import METHODS, OPTIMIZERS, SCHEDULERS, RunConfig, field_help, list_presets, load_preset
 from engine.errors import LoraLabError
 from ui import charts
@@ -139,12 +139,12 @@ class Monitor:
 
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
-        self.watchers: dict[Path, runs.RunWatcher] = {}
+        self.watchers: dict[Path, rundir.RunWatcher] = {}
         self.predicted: dict[Path, int | None] = {}
 
-    def watcher(self, run_dir: Path) -> runs.RunWatcher:
+    def watcher(self, run_dir: Path) -> rundir.RunWatcher:
         if run_dir not in self.watchers:
-            self.watchers[run_dir] = runs.RunWatcher(run_dir)
+            self.watchers[run_dir] = rundir.RunWatcher(run_dir)
         watcher = self.watchers[run_dir]
         watcher.refresh()
         return watcher
@@ -152,10 +152,10 @@ class Monitor:
     def predicted_peak(self, run_dir: Path) -> int | None:
         if run_dir not in self.predicted:
             try:
-                from engine.memory import estimate_for_run_config
+                from engine.memory.estimator import estimate_for_run_config
                 import yaml
 
-                config = yaml.safe_load(runs.RunPaths(run_dir).config.read_text())
+                config = yaml.safe_load(rundir.RunPaths(run_dir).config.read_text())
                 # What NVML will show (CUDA context and allocator included), to match the chart it is drawn on.
                 self.predicted[run_dir] = estimate_for_run_config(config).nvidia_smi_bytes
             except Exception:  # noqa: BLE001 - a missing prediction must never break the chart
@@ -166,13 +166,13 @@ class Monitor:
 def resolve_watched(ctx: AppContext, choice: str | None) -> Path | None:
     if choice and choice != WATCH_LATEST:
         try:
-            return runs.resolve_run(ctx.runs_dir, choice)
+            return rundir.resolve_run(ctx.runs_dir, choice)
         except LoraLabError:
             return None
     active = ctx.jobs.active_name() if ctx.jobs else None
     if active:
         return ctx.runs_dir / active
-    listed = runs.list_runs(ctx.runs_dir)
+    listed = rundir.list_runs(ctx.runs_dir)
     return listed[0].path if listed else None
 
 
@@ -195,16 +195,16 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     """Status line, progress bar and notes; ``metrics`` (already read by a RunWatcher) avoids re-reading files."""
     if run_dir is None:
         return "<div class='loralab-status'>No runs yet. Pick a preset and press <b>Start</b>.</div>"
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     if metrics is None:
-        metrics = runs.read_metrics(run_dir)
+        metrics = rundir.read_metrics(run_dir)
     state = status.get("state", "unknown")
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None and m.get("step", 0) > 0]
     baseline = status.get("baseline_eval_loss")
     step, total = int(status.get("step") or 0), status.get("max_steps") or 0
     percent = 100 * step / total if total else 0
     elapsed = (status.get("ended_at") or time.time()) - status["started_at"] if status.get("started_at") else None
-    eta = status.get("eta_s") if state in runs.ACTIVE_STATES else None
+    eta = status.get("eta_s") if state in rundir.ACTIVE_STATES else None
     parts = [
         f"<div class='loralab-status' id='loralab-status'><b>{html.escape(run_dir.name)}</b> — "
         f"<span id='loralab-state'>{STATE_WORDS.get(state, state)}</span>: "
@@ -230,7 +230,7 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
 
 def runs_table(ctx: AppContext) -> list[list]:
     rows = []
-    for summary in runs.list_runs(ctx.runs_dir):
+    for summary in rundir.list_runs(ctx.runs_dir):
         row = summary.as_row()
         row["win rate"] = _win_rate_text(summary.path)
         rows.append(list(row.values()))
@@ -243,7 +243,7 @@ RUN_COLUMNS = ["name", "method", "base model", "status", "steps", "train loss", 
 
 def _win_rate_text(run_dir: Path) -> str:
     try:
-        from engine.chat import win_rate
+        from engine.chat.models import win_rate
 
         rate, wins, count = win_rate(run_dir)
     except (ImportError, AttributeError):
@@ -258,7 +258,7 @@ def config_diff(run_dirs: list[Path]) -> tuple[list[str], list[list]]:
     flat = []
     for run_dir in run_dirs:
         try:
-            config = runs.load_config(run_dir).to_dict()
+            config = rundir.load_config(run_dir).to_dict()
         except LoraLabError:
             config = {}
         row = {}
@@ -280,7 +280,7 @@ def build(ctx: AppContext) -> None:
     monitor = Monitor(ctx)
     helps = field_help()
     initial = load_preset(DEFAULT_PRESET)
-    run_names = lambda: [WATCH_LATEST] + [s.name for s in runs.list_runs(ctx.runs_dir)]
+    run_names = lambda: [WATCH_LATEST] + [s.name for s in rundir.list_runs(ctx.runs_dir)]
 
     with gr.Row():
         with gr.Column(scale=2, min_width=380):
@@ -420,7 +420,7 @@ def build(ctx: AppContext) -> None:
         watcher = monitor.watcher(run_dir)
         key = f"{run_dir.name}:{len(watcher.metrics)}:{len(watcher.gpu_samples)}"
         status_text = status_html(run_dir, ctx, watcher.metrics)
-        active = runs.read_status(run_dir).get("state") in runs.ACTIVE_STATES
+        active = rundir.read_status(run_dir).get("state") in rundir.ACTIVE_STATES
         # A finished run without samples of its own shows the live device memory instead.
         live = not watcher.gpu_samples and not active and ctx.sampler is not None
         samples = ctx.sampler.recent(300) if live else watcher.gpu_samples
@@ -435,7 +435,7 @@ def build(ctx: AppContext) -> None:
                                  uirevision=f"memory-{revision}"),
             charts.lr_gradnorm_figure(watcher.metrics, uirevision=f"lr-{revision}"),
             charts.throughput_figure(watcher.metrics, uirevision=f"speed-{revision}"),
-            runs.log_tail(run_dir, 60),
+            rundir.log_tail(run_dir, 60),
             key,
         )
 
@@ -458,14 +458,14 @@ def build(ctx: AppContext) -> None:
         run_dirs = []
         for name in names or []:
             try:
-                run_dirs.append(runs.resolve_run(ctx.runs_dir, name))
+                run_dirs.append(rundir.resolve_run(ctx.runs_dir, name))
             except LoraLabError:
                 continue
         if not run_dirs:
             return charts.empty_figure("Pick runs to compare", "compare-loss"), \
                 charts.empty_figure("Pick runs to compare", "compare-memory"), None
-        metrics = {d.name: runs.read_metrics(d) for d in run_dirs}
-        samples = {d.name: runs.read_gpu_samples(d) for d in run_dirs}
+        metrics = {d.name: rundir.read_metrics(d) for d in run_dirs}
+        samples = {d.name: rundir.read_gpu_samples(d) for d in run_dirs}
         headers, rows = config_diff(run_dirs)
         return (charts.loss_figure(metrics, uirevision="compare-loss"),
                 charts.memory_figure(None, runs=samples, uirevision="compare-memory"),

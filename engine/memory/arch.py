@@ -20,7 +20,7 @@ from pathlib import Path
 
 from engine.errors import ConfigError, ModelNotFoundError
 
-CATALOG_DIR = Path(__file__).resolve().parent.parent / "presets" / "models"
+CATALOG_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
 
 # The numbers nothing can be estimated without, with the config.json key that carries each.
 REQUIRED_FIELDS = {

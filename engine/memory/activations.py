@@ -25,7 +25,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
 
-from engine.memory_arch import ModelArch
+from engine.memory.arch import ModelArch
 
 FP32 = 4
 

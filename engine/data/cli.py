@@ -6,8 +6,8 @@ import argparse
 import json
 import sys
 
-from engine.data_formats import FORMATS
-from engine.data_report import DEFAULT_MAX_LENGTH
+from engine.data.formats import FORMATS
+from engine.data.report import DEFAULT_MAX_LENGTH
 from engine.errors import LoraLabError
 
 
@@ -39,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from engine.data_report import inspect_dataset
+    from engine.data.report import inspect_dataset
 
     if args.max_length is not None and args.max_length < 1:
         print("error: --max-length must be at least 1.", file=sys.stderr)

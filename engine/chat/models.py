@@ -11,9 +11,9 @@ thread, because adapter on/off is a property of the one shared model; each strea
 by token through ``TextIteratorStreamer``, and a ``StoppingCriteria`` bound to a
 ``threading.Event`` stops both at the next token.
 
-Around it: what to load (``engine.chat_sources``), prompt sets (``engine.chat_prompts``),
-blind ratings and the win rate (``engine.chat_ratings``) and ``python -m engine compare``
-(``engine.chat_cli``, dispatched through ``cli_main`` here).
+Around it: what to load (``engine.chat.sources``), prompt sets (``engine.chat.prompts``),
+blind ratings and the win rate (``engine.chat.ratings``) and ``python -m engine compare``
+(``engine.chat.cli``).
 """
 
 from __future__ import annotations
@@ -26,19 +26,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.chat_prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines, token_f1
-from engine.chat_ratings import BASE, FINETUNED, win_rate
-from engine.chat_sources import (
+from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines, token_f1
+from engine.chat.ratings import BASE, FINETUNED, win_rate
+from engine.chat.sources import (
     LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
 )
-from engine.devices import release_memory
+from accelerate.utils import release_memory
 from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
 
-__all__ = [
-    "BASE", "FINETUNED", "LATEST", "SIDES", "AdapterSource", "ChatModels", "Comparison", "PromptItem", "Sampling",
-    "adapter_options", "clean_messages", "cli_main", "held_out_prompts", "prompts_from_file", "prompts_from_lines",
-    "resolve_adapter", "source_for_folder", "source_for_run", "token_f1", "win_rate", "with_system_prompt",
-]
 
 MAX_ADAPTERS = 8  # adapters are small, but a dashboard left open for days should not grow without bound
 SIDES = (BASE, FINETUNED)
@@ -530,10 +525,3 @@ def _explain_generation_error(error: BaseException) -> BaseException:
     if "chat_template" in text or "chat template" in text.lower():
         return RunError(f"The tokenizer cannot format this conversation: {text}")
     return RunError(f"Generation failed ({type(error).__name__}): {text}")
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """``python -m engine compare``; lives in ``engine.chat_cli``."""
-    from engine.chat_cli import main
-
-    return main(argv)

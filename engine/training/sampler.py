@@ -25,7 +25,7 @@ NVML cannot report it (Windows WDDM), or when NVML lists PIDs this process canno
 ``process_bytes`` is the resident set size of the worker plus its children. RSS is a sum
 over processes, so pages shared after ``fork`` count once per process: an upper bound.
 
-A value that could not be read is null; ``engine.runs.read_gpu_samples`` reads the file
+A value that could not be read is null; ``engine.training.rundir.read_gpu_samples`` reads the file
 back. NVML ignores ``CUDA_VISIBLE_DEVICES``: every
 device of the machine is listed.
 """

@@ -209,7 +209,7 @@ def _rows_of_document(document: Any, path: str) -> list:
             raise DataError("The JSON array is empty: there are no rows.", path)
         return document
     if isinstance(document, dict):
-        from engine.data_formats import FORMAT_FIELDS
+        from engine.data.formats import FORMAT_FIELDS
 
         known = {field for required, optional in FORMAT_FIELDS.values() for field in required}
         if known & set(document):

@@ -13,7 +13,7 @@ import math
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field, replace
 
-from engine.data_preview import TemplateInfo, encode_row, training_template
+from engine.data.preview import TemplateInfo, encode_row, training_template
 from engine.errors import LoraLabError
 
 # The seeds' rule of thumb: "Minimum: 500-1000 high-quality examples".
@@ -72,7 +72,7 @@ class StatsAccumulator:
         self.digests = bytearray()
 
     def add(self, row: dict) -> None:
-        from engine.data_formats import row_is_empty
+        from engine.data.formats import row_is_empty
 
         stats = self.stats
         stats.rows += 1

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from engine import runs
+from engine.training import rundir
 from engine.errors import LoraLabError
 
 DEFAULT_RUNS_DIR = Path(os.environ.get("LORALAB_RUNS_DIR", "runs"))
@@ -38,12 +38,12 @@ def follow(run_dir: Path, process=None) -> str:
     last_state = None
     while True:
         try:
-            status = runs.read_status(run_dir)
+            status = rundir.read_status(run_dir)
             state = status.get("state")
             if status.get("max_steps") and bar.total != status["max_steps"]:
                 bar.total = status["max_steps"]
                 bar.refresh()
-            records, offset = runs.read_jsonl(runs.RunPaths(run_dir).metrics, offset)
+            records, offset = rundir.read_jsonl(rundir.RunPaths(run_dir).metrics, offset)
             for record in records:
                 if record.get("event") == "eval":
                     bar.write(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
@@ -55,10 +55,10 @@ def follow(run_dir: Path, process=None) -> str:
             if state != last_state:
                 bar.write(f"[{state}] {status.get('message', '')}")
                 last_state = state
-            if state in runs.TERMINAL_STATES and (process is None or process.poll() is not None):
+            if state in rundir.TERMINAL_STATES and (process is None or process.poll() is not None):
                 break
-            if process is not None and process.poll() is not None and state not in runs.TERMINAL_STATES:
-                from engine.jobs import mark_dead_worker
+            if process is not None and process.poll() is not None and state not in rundir.TERMINAL_STATES:
+                from engine.training.jobs import mark_dead_worker
 
                 mark_dead_worker(run_dir, process.returncode)
                 continue
@@ -66,13 +66,13 @@ def follow(run_dir: Path, process=None) -> str:
         except KeyboardInterrupt:
             interrupts += 1
             if interrupts == 1:
-                runs.RunPaths(run_dir).stop_request.touch()
+                rundir.RunPaths(run_dir).stop_request.touch()
                 bar.write("stop requested: finishing the current step and saving (Ctrl-C again to kill)")
             elif process is not None:
                 os.killpg(process.pid, signal.SIGKILL)
-                runs.update_status(run_dir, "stopped", message="Stopped by force (a second Ctrl-C).")
+                rundir.update_status(run_dir, "stopped", message="Stopped by force (a second Ctrl-C).")
     bar.close()
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     for sentence in status.get("fallbacks", []):
         print(f"note: {sentence}")
     if status.get("error"):
@@ -82,7 +82,7 @@ def follow(run_dir: Path, process=None) -> str:
 
 
 def train_main(argv: list[str]) -> int:
-    from engine.config import load_preset
+    from engine.config.schema import load_preset
 
     parser = argparse.ArgumentParser(prog="python -m engine train", description="Start a training run and follow it.")
     parser.add_argument("preset", help="preset name (demo-lora) or YAML path")
@@ -94,13 +94,13 @@ def train_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         config = load_preset(args.preset, args.overrides).validate()
-        run_dir = runs.create_run(args.runs_dir, config, name=args.name)
+        run_dir = rundir.create_run(args.runs_dir, config, name=args.name)
     except LoraLabError as error:
         return _fail(error)
-    from engine.jobs import spawn_worker
+    from engine.training.jobs import spawn_worker
 
     process = spawn_worker(run_dir)
-    print(f"run {run_dir.name} started (worker pid {process.pid}); log: {runs.RunPaths(run_dir).log}")
+    print(f"run {run_dir.name} started (worker pid {process.pid}); log: {rundir.RunPaths(run_dir).log}")
     if args.detach:
         return 0
     state = follow(run_dir, process)
@@ -114,7 +114,7 @@ def runs_main(argv: list[str]) -> int:
     parser.add_argument("--json", action="store_true")
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
-    rows = [summary.as_row() for summary in runs.list_runs(args.runs_dir)]
+    rows = [summary.as_row() for summary in rundir.list_runs(args.runs_dir)]
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
@@ -130,7 +130,7 @@ def runs_main(argv: list[str]) -> int:
 
 
 def stop_main(argv: list[str]) -> int:
-    from engine.jobs import request_stop
+    from engine.training.jobs import request_stop
 
     parser = argparse.ArgumentParser(prog="python -m engine stop", description="Stop a run (twice, or --force: kill).")
     parser.add_argument("run")
@@ -138,7 +138,7 @@ def stop_main(argv: list[str]) -> int:
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
     try:
-        outcome = request_stop(runs.resolve_run(args.runs_dir, args.run), force=args.force)
+        outcome = request_stop(rundir.resolve_run(args.runs_dir, args.run), force=args.force)
     except LoraLabError as error:
         return _fail(error)
     print({"requested": "stop requested: the worker finishes its step, saves and exits",
@@ -147,7 +147,7 @@ def stop_main(argv: list[str]) -> int:
 
 
 def resume_main(argv: list[str]) -> int:
-    from engine.jobs import spawn_worker
+    from engine.training.jobs import spawn_worker
 
     parser = argparse.ArgumentParser(prog="python -m engine resume", description="Resume from the last checkpoint.")
     parser.add_argument("run")
@@ -155,10 +155,10 @@ def resume_main(argv: list[str]) -> int:
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
     try:
-        run_dir = runs.resolve_run(args.runs_dir, args.run)
-        state = runs.read_status(run_dir).get("state")
+        run_dir = rundir.resolve_run(args.runs_dir, args.run)
+        state = rundir.read_status(run_dir).get("state")
         if state not in ("stopped", "interrupted", "failed"):
-            raise runs.RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
+            raise rundir.RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
     except LoraLabError as error:
         return _fail(error)
     process = spawn_worker(run_dir, resume=True)
@@ -176,18 +176,11 @@ def show_main(argv: list[str]) -> int:
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
     try:
-        run_dir = runs.resolve_run(args.runs_dir, args.run)
+        run_dir = rundir.resolve_run(args.runs_dir, args.run)
     except LoraLabError as error:
         return _fail(error)
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     print(json.dumps({k: v for k, v in status.items() if k != "history"}, indent=2, default=str))
     print("--- train.log (tail)")
-    print(runs.log_tail(run_dir, args.log_lines))
-    return 0
-
-
-def demo_main(argv: list[str]) -> int:
-    from engine.demo import ensure_demo_model
-
-    print(ensure_demo_model())
+    print(rundir.log_tail(run_dir, args.log_lines))
     return 0

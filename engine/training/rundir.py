@@ -220,7 +220,7 @@ def read_gpu_samples(run_dir: Path) -> list[dict]:
 
 
 def load_config(run_dir: Path):
-    from engine.config import RunConfig
+    from engine.config.schema import RunConfig
 
     return RunConfig.from_yaml(RunPaths(Path(run_dir)).config)
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ModelNotFoundError, RunError
-from engine.runs import TERMINAL_STATES, RunPaths, load_config, read_status, resolve_run
+from engine.training.rundir import TERMINAL_STATES, RunPaths, load_config, read_status, resolve_run
 
 LATEST = "latest"
 

@@ -21,16 +21,16 @@ from pathlib import Path
 
 import psutil
 
-from engine import runs
+from engine.training import rundir
 from engine.errors import RunError
-from engine.runs import ACTIVE_STATES, TERMINAL_STATES, RunPaths, update_status
+from engine.training.rundir import ACTIVE_STATES, TERMINAL_STATES, RunPaths, update_status
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FORCE_STOP_AFTER_S = 120.0  # a graceful stop that has not finished by then is forced
 
 
 def worker_command(run_dir: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "engine.worker", str(run_dir)] + (["--resume"] if resume else [])
+    return [sys.executable, "-m", "engine.training.worker", str(run_dir)] + (["--resume"] if resume else [])
 
 
 def spawn_worker(run_dir: Path, resume: bool = False) -> subprocess.Popen:
@@ -60,7 +60,7 @@ def worker_alive(run_dir: Path, pid: int | None) -> bool:
         cmdline = " ".join(process.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    return "engine.worker" in cmdline and Path(run_dir).name in cmdline
+    return "engine.training.worker" in cmdline and Path(run_dir).name in cmdline
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -76,11 +76,11 @@ def describe_exit(returncode: int | None) -> str:
 
 def mark_dead_worker(run_dir: Path, returncode: int | None, interrupted: bool = False) -> None:
     """A worker gone without a final status: say so in status.json."""
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     if status.get("state") in TERMINAL_STATES:
         return
     step = status.get("step", 0)
-    checkpoint = runs.latest_checkpoint(run_dir)
+    checkpoint = rundir.latest_checkpoint(run_dir)
     resume_hint = (f" Resume continues from {checkpoint.name}." if checkpoint else
                    " No checkpoint was saved yet, so resume starts over.")
     if interrupted:
@@ -141,7 +141,7 @@ class JobManager:
     def submit(self, config, name: str | None = None) -> Path:
         """Validate, create the run directory and queue it; returns the run directory."""
         config.validate()
-        run_dir = runs.create_run(self.runs_dir, config, name=name)
+        run_dir = rundir.create_run(self.runs_dir, config, name=name)
         with self._lock:
             self.queue.append((run_dir, False))
             self._refresh_queue_messages()
@@ -149,8 +149,8 @@ class JobManager:
         return run_dir
 
     def resume(self, name: str) -> Path:
-        run_dir = runs.resolve_run(self.runs_dir, name)
-        state = runs.read_status(run_dir).get("state")
+        run_dir = rundir.resolve_run(self.runs_dir, name)
+        state = rundir.read_status(run_dir).get("state")
         if state not in ("stopped", "interrupted", "failed"):
             raise RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
         with self._lock:
@@ -162,7 +162,7 @@ class JobManager:
 
     def stop(self, name: str, force: bool = False) -> str:
         """Graceful first (finish the step, save, exit); a second call or ``force`` kills."""
-        run_dir = runs.resolve_run(self.runs_dir, name)
+        run_dir = rundir.resolve_run(self.runs_dir, name)
         with self._lock:
             for item in list(self.queue):
                 if item[0] == run_dir:
@@ -172,7 +172,7 @@ class JobManager:
                     return "dequeued"
             job = self.active if self.active and self.active.run_dir == run_dir else None
         if job is None:
-            status = runs.read_status(run_dir)
+            status = rundir.read_status(run_dir)
             if status.get("state") in ACTIVE_STATES and worker_alive(run_dir, status.get("pid")):
                 # A worker this manager does not own (started from the CLI): same protocol.
                 return request_stop(run_dir, force=force)
@@ -192,7 +192,7 @@ class JobManager:
             pass
         if job.process is not None:
             job.process.wait(timeout=10)
-        checkpoint = runs.latest_checkpoint(job.run_dir)
+        checkpoint = rundir.latest_checkpoint(job.run_dir)
         update_status(job.run_dir, "stopped", message=reason,
                       error=None if checkpoint else "No checkpoint had been saved; resume starts over.")
         RunPaths(job.run_dir).stop_request.unlink(missing_ok=True)
@@ -233,8 +233,8 @@ class JobManager:
     def recover(self) -> None:
         """Make the run directories tell the truth after a restart (see module docstring)."""
         queued = []
-        for summary in runs.list_runs(self.runs_dir):
-            status = runs.read_status(summary.path)
+        for summary in rundir.list_runs(self.runs_dir):
+            status = rundir.read_status(summary.path)
             state = status.get("state")
             if state in ACTIVE_STATES:
                 if worker_alive(summary.path, status.get("pid")) and self.active is None:
@@ -246,7 +246,7 @@ class JobManager:
             elif state == "queued":
                 queued.append((status.get("updated_at", 0), summary.path))
         for _, run_dir in sorted(queued):
-            self.queue.append((run_dir, runs.latest_checkpoint(run_dir) is not None))
+            self.queue.append((run_dir, rundir.latest_checkpoint(run_dir) is not None))
 
     # ------------------------------------------------------------------ reading
     def queue_names(self) -> list[str]:
@@ -260,7 +260,7 @@ class JobManager:
 
 def request_stop(run_dir: Path, force: bool = False, timeout_s: float = FORCE_STOP_AFTER_S) -> str:
     """Stop a worker owned by nobody in this process (the CLI's ``stop``): same file protocol."""
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     pid = status.get("pid")
     if not worker_alive(run_dir, pid):
         raise RunError(f"Run '{Path(run_dir).name}' has no live worker.")
@@ -279,8 +279,8 @@ def wait_for_state(run_dir: Path, states, timeout_s: float, poll_s: float = 0.2)
     """Block until the run reaches one of ``states`` (tests and the CLI use this)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        state = runs.read_status(run_dir).get("state")
+        state = rundir.read_status(run_dir).get("state")
         if state in states:
             return state
         time.sleep(poll_s)
-    return runs.read_status(run_dir).get("state")
+    return rundir.read_status(run_dir).get("state")

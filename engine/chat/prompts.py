@@ -1,7 +1,7 @@
 """Prompt sets for batch comparison: a run's held-out split, a file, or typed lines.
 
 Every source becomes a list of ``PromptItem``: the conversation up to the answer, and the
-reference answer when the data has one. Files with answers go through ``engine.data``
+reference answer when the data has one. Files with answers go through ``engine.data.load``
 (the loader the worker trains with, so every training format works here too); files of
 bare prompts, which that loader rightly refuses for training, are read here.
 """
@@ -64,7 +64,7 @@ def _bare_prompt_record(record, path: str, line: int) -> PromptItem:
     if isinstance(record, dict):
         messages = record.get("messages") or record.get("conversations")
         if isinstance(messages, list) and messages and all(isinstance(m, dict) for m in messages):
-            from engine.data_formats import normalise_record
+            from engine.data.formats import normalise_record
 
             has_answer = any(isinstance(m, dict) and m.get("role") in ("assistant", "gpt") for m in messages)
             placeholder = [] if has_answer else [{"role": "assistant", "content": ""}]
@@ -80,7 +80,7 @@ def _bare_prompt_record(record, path: str, line: int) -> PromptItem:
             if isinstance(record.get(key), str) and record[key].strip():
                 text = record[key]
                 if key == "instruction" and isinstance(record.get("input"), str) and record["input"].strip():
-                    text = f"{text}\n\n{record['input']}"  # joined as engine.data_formats joins Alpaca rows
+                    text = f"{text}\n\n{record['input']}"  # joined as engine.data.formats joins Alpaca rows
                 reference = next((record[k] for k in REFERENCE_KEYS if isinstance(record.get(k), str)), None)
                 messages = [{"role": "system", "content": record["system"]}] if record.get("system") else []
                 return PromptItem(messages + [{"role": "user", "content": text}], reference)
@@ -104,7 +104,7 @@ def _bare_prompts_jsonl(path: Path) -> list[PromptItem]:
 
 
 def prompts_from_file(path: str | Path) -> list[PromptItem]:
-    """A .txt file (one prompt per line), or any dataset file ``engine.data`` reads, with or without answers."""
+    """A .txt file (one prompt per line), or any dataset file ``engine.data.load`` reads, with or without answers."""
     path = Path(path).expanduser()
     if not path.exists():
         raise DataError("No such prompts file.", str(path))
@@ -115,7 +115,7 @@ def prompts_from_file(path: str | Path) -> list[PromptItem]:
             if not items:
                 raise DataError("The prompts file has no non-empty line.", str(path))
             return items
-    from engine.data import load_dataset_rows
+    from engine.data.load import load_dataset_rows
 
     try:
         items = prompts_from_rows(load_dataset_rows(str(path)).rows)
@@ -140,8 +140,8 @@ def prompts_from_file(path: str | Path) -> list[PromptItem]:
 
 def held_out_prompts(run_dir: str | Path) -> list[PromptItem]:
     """The run's evaluation rows, split exactly as the worker split them."""
-    from engine.data import load_dataset_rows, split_rows
-    from engine.runs import load_config
+    from engine.data.load import load_dataset_rows, split_rows
+    from engine.training.rundir import load_config
 
     config = load_config(Path(run_dir))
     data = config.data

@@ -11,9 +11,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from engine.data import eval_indices, open_dataset
-from engine.data_preview import load_tokenizer, training_template
-from engine.data_stats import (
+from engine.data.load import eval_indices, open_dataset
+from engine.data.preview import load_tokenizer, training_template
+from engine.data.stats import (
     StatsAccumulator,
     TokenStats,
     copy_stats,

@@ -2,7 +2,7 @@
 
 Every export is a deploy unit: weights, tokenizer with its chat template, a model card
 (``README.md``) and ``lineage.json`` naming the exact base model, adapter, data, metrics
-and software. Every export is verified before it is kept (``engine.export_verify``):
+and software. Every export is verified before it is kept (``engine.export.verify``):
 it is reloaded from disk and must reproduce the run's model within a tolerance derived
 from the stored dtype; an export that does not is deleted and the error says by how much.
 
@@ -10,7 +10,7 @@ Work happens in a hidden staging folder inside the exports directory and is rena
 into place only after verification, so a half-written or failed export is never seen
 under its name. Export names are confined to the exports directory.
 
-``python -m engine export RUN [--merged] [--dtype bf16] ...`` is ``cli_main``.
+``python -m engine export RUN [--merged] [--dtype bf16] ...`` is ``engine.export.cli``.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from engine import runs
-from engine.devices import release_memory
+from engine.training import rundir
+from accelerate.utils import release_memory
 from engine.errors import LoraLabError, RunError
 
 KINDS = ("adapter", "merged")
@@ -52,7 +52,7 @@ class ExportResult:
     kind: str
     path: Path
     dtype: str
-    report: object  # engine.export_verify.VerificationReport
+    report: object  # engine.export.verify.VerificationReport
     lineage: dict
     size_bytes: int
 
@@ -133,7 +133,7 @@ def folder_size(folder: Path) -> int:
 
 # ----------------------------------------------------------------------------- the run side
 def has_adapter(run_dir: Path) -> bool:
-    adapter = runs.RunPaths(Path(run_dir)).adapter
+    adapter = rundir.RunPaths(Path(run_dir)).adapter
     return (adapter / "adapter_config.json").is_file() and any(
         (adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin"))
 
@@ -141,10 +141,10 @@ def has_adapter(run_dir: Path) -> bool:
 def adapter_missing_reason(run_dir: Path) -> str:
     """Why a run has nothing to export, in words a person can act on."""
     run_dir = Path(run_dir)
-    status = runs.read_status(run_dir)
+    status = rundir.read_status(run_dir)
     state, name = status.get("state", "unknown"), run_dir.name
-    where = runs.RunPaths(run_dir).adapter
-    if state in ("queued",) + runs.ACTIVE_STATES:
+    where = rundir.RunPaths(run_dir).adapter
+    if state in ("queued",) + rundir.ACTIVE_STATES:
         return (f"Run '{name}' has no adapter yet: it is {state}. The adapter is saved when training ends or is "
                 "stopped; export it then.")
     if state == "failed":
@@ -156,13 +156,13 @@ def adapter_missing_reason(run_dir: Path) -> str:
 
 def exportable_runs(runs_dir: Path) -> list[str]:
     """Names of runs that have an adapter, newest first (the Export tab's dropdown)."""
-    return [summary.name for summary in runs.list_runs(runs_dir) if has_adapter(summary.path)]
+    return [summary.name for summary in rundir.list_runs(runs_dir) if has_adapter(summary.path)]
 
 
 def _win_rate(run_dir: Path) -> dict:
     """Blind-rating win rate from the Chat tab's module, when it is there."""
     try:
-        from engine.chat import win_rate
+        from engine.chat.ratings import win_rate
     except (ImportError, AttributeError):
         return {"win_rate": None, "wins": 0, "count": 0, "available": False}
     rate, wins, count = win_rate(run_dir)
@@ -240,7 +240,7 @@ def load_reference(base_path: str, base_kwargs: dict, adapter_dir: Path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from engine.export_verify import device
+    from engine.export.verify import device
 
     base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32, **base_kwargs)
     model = PeftModel.from_pretrained(base, str(adapter_dir))
@@ -253,7 +253,7 @@ def load_quantized_reference(base_path: str, base_kwargs: dict, adapter_dir: Pat
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    from engine.export_verify import device
+    from engine.export.verify import device
 
     compute = torch.float32 if device() == "cpu" else getattr(torch, quant.get("bnb_4bit_compute_dtype", "bfloat16"))
     config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.get("bnb_4bit_quant_type", "nf4"),
@@ -286,13 +286,13 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
         raise ExportError(f"{run_dir} is not a run folder (it has no config.yaml).")
     if not has_adapter(run_dir):
         raise ExportError(adapter_missing_reason(run_dir))
-    state = runs.read_status(run_dir).get("state")
-    if state in runs.ACTIVE_STATES:
+    state = rundir.read_status(run_dir).get("state")
+    if state in rundir.ACTIVE_STATES:
         raise ExportError(f"Run '{run_dir.name}' is {state} right now, and its adapter is rewritten when it ends; "
                           "export it after it finishes, or stop it first.")
-    paths = runs.RunPaths(run_dir)
-    config = runs.load_config(run_dir)
-    lineage = runs.read_json(paths.lineage, default={}) or {}
+    paths = rundir.RunPaths(run_dir)
+    config = rundir.load_config(run_dir)
+    lineage = rundir.read_json(paths.lineage, default={}) or {}
     exports_dir = Path(exports_dir)
     exports_dir.mkdir(parents=True, exist_ok=True)
     short_dtype = {v: k for k, v in DTYPES.items()}.get(torch_dtype, "fp32")
@@ -314,7 +314,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
 
     from transformers import AutoTokenizer
 
-    from engine import export_verify
+    from engine.export import verify as export_verify
 
     progress(0.08, "Loading the base model in float32 with the run's adapter (the reference).")
     tokenizer = AutoTokenizer.from_pretrained(str(paths.adapter))
@@ -365,7 +365,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
         progress(0.9, "Writing the model card and lineage.json.")
         record = build_lineage(run_dir, config, lineage, base_record, staging, kind=kind, name=name,
                                dtype=stored, max_shard_size=shard_size, report=report, gap=gap, tokenizer=tokenizer)
-        from engine.export_card import write_card_and_lineage
+        from engine.export.card import write_card_and_lineage
 
         write_card_and_lineage(staging, record)
         _move_into_place(staging, target, exports_dir)
@@ -413,8 +413,8 @@ def build_lineage(run_dir: Path, config, run_lineage: dict, base_record: dict, f
 
     from engine.lineage import software_lineage
 
-    paths = runs.RunPaths(run_dir)
-    summary = runs.summarize_run(run_dir)
+    paths = rundir.RunPaths(run_dir)
+    summary = rundir.summarize_run(run_dir)
     adapter_weights = next((paths.adapter / f for f in ("adapter_model.safetensors", "adapter_model.bin")
                             if (paths.adapter / f).is_file()), None)
     template = tokenizer.chat_template if isinstance(getattr(tokenizer, "chat_template", None), str) else None
@@ -464,7 +464,7 @@ def list_exports(exports_dir: Path) -> list[dict]:
     for path in folder.iterdir():
         if not path.is_dir() or path.name.startswith("."):
             continue
-        record = runs.read_json(path / "lineage.json", default=None)
+        record = rundir.read_json(path / "lineage.json", default=None)
         if isinstance(record, dict) and isinstance(record.get("export"), dict):
             export = record["export"]
             found.append({"name": path.name, "path": path, "kind": export.get("kind"), "dtype": export.get("dtype"),
@@ -509,41 +509,3 @@ def zip_export(exports_dir: Path, name: str, progress: Progress | None = None) -
         raise
     progress(1.0, f"{archive.name} is ready.")
     return archive
-
-
-# ----------------------------------------------------------------------------- command line
-def cli_main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine export",
-                                     description="Export a run's adapter package or merged model, verified, with a "
-                                                 "model card and lineage.json.")
-    parser.add_argument("run", help="a run name inside --runs-dir, or a run folder")
-    parser.add_argument("--runs-dir", type=Path, default=Path("runs"))
-    parser.add_argument("--exports-dir", type=Path, default=Path("exports"))
-    parser.add_argument("--name", help="export folder name inside --exports-dir (default: <run>-adapter or "
-                                       "<run>-merged-<dtype>)")
-    kind = parser.add_mutually_exclusive_group()
-    kind.add_argument("--adapter", dest="kind", action="store_const", const="adapter",
-                      help="the PEFT adapter package (default)")
-    kind.add_argument("--merged", dest="kind", action="store_const", const="merged",
-                      help="a standalone model with the adapter merged in")
-    parser.set_defaults(kind="adapter")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="merged model dtype (default bf16)")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing export of the same name")
-    parser.add_argument("--zip", action="store_true", help="also write <name>.zip beside the export")
-    args = parser.parse_args(argv)
-
-    def say(fraction: float, message: str) -> None:
-        print(f"[{fraction:4.0%}] {message}", flush=True)
-
-    try:
-        run_dir = runs.resolve_run(args.runs_dir, args.run)
-        result = export_run(run_dir, args.exports_dir, kind=args.kind, dtype=args.dtype,
-                            max_shard_size=args.max_shard_size, name=args.name, overwrite=args.overwrite, progress=say)
-        print(result.summary())
-        if args.zip:
-            print(f"zip: {zip_export(args.exports_dir, result.name, progress=None)}")
-    except LoraLabError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0

@@ -15,7 +15,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from engine.errors import RunError
-from engine.runs import RunPaths, append_jsonl, read_jsonl
+from engine.training.rundir import RunPaths, append_jsonl, read_jsonl
 
 BASE, FINETUNED = "base", "finetuned"
 CHOICES = ("A", "B", "tie", "both_bad")

@@ -341,7 +341,7 @@ def field_help() -> dict[str, str]:
     return helps
 
 
-PRESETS_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 
 
 def list_presets() -> list[str]:

@@ -3,8 +3,8 @@
 The estimator in ``engine/memory.py`` is arithmetic; this module is its counterpart made
 of torch objects, used by ``tests/test_memory.py`` (tiny models on the CPU) and by
 ``bench/memory_accuracy.py`` (catalog-sized models with random weights on CUDA). It
-builds a model from a :class:`~engine.memory_arch.ModelArch` and
-:class:`~engine.memory.MemorySettings` along the same path as LoRA Lab's worker (load in
+builds a model from a :class:`~engine.memory.arch.ModelArch` and
+:class:`~engine.memory.estimator.MemorySettings` along the same path as LoRA Lab's worker (load in
 the compute dtype or through bitsandbytes, optionally ``prepare_model_for_kbit_training``,
 gradient checkpointing, TRL's fused LM head, PEFT, TRL's bf16 cast of adapters on a
 quantized base) and measures parameters, quantized storage and saved activations.
@@ -19,8 +19,8 @@ import tempfile
 import weakref
 from pathlib import Path
 
-from engine.memory import MemorySettings, precision_of
-from engine.memory_arch import ModelArch
+from engine.memory.estimator import MemorySettings, precision_of
+from engine.memory.arch import ModelArch
 
 TORCH_DTYPES = {2: "bfloat16", 4: "float32"}
 

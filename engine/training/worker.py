@@ -1,4 +1,4 @@
-"""The training process: one per run, ``python -m engine.worker RUN_DIR [--resume]``.
+"""The training process: one per run, ``python -m engine.training.worker RUN_DIR [--resume]``.
 
 Reads ``config.yaml`` from the run directory and writes everything else there: status
 transitions, one metrics line per log/eval event, the adapter, checkpoints and lineage.
@@ -18,10 +18,10 @@ import time
 import traceback
 from pathlib import Path
 
-from engine import runs
-from engine.config import RunConfig
+from engine.training import rundir
+from engine.config.schema import RunConfig
 from engine.errors import LoraLabError
-from engine.runs import RunPaths, add_fallback, update_status
+from engine.training.rundir import RunPaths, add_fallback, update_status
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
@@ -78,10 +78,10 @@ def resolve_model_path(config: RunConfig) -> str:
 
 # ----------------------------------------------------------------------------- builders
 def build_datasets(config: RunConfig):
-    """Train and eval rows through engine.data (the same code the Dataset tab uses)."""
+    """Train and eval rows through engine.data.load (the same code the Dataset tab uses)."""
     from datasets import Dataset
 
-    from engine.data import load_dataset_rows, split_rows
+    from engine.data.load import load_dataset_rows, split_rows
 
     data = config.data
     train_loaded = load_dataset_rows(data.path, fmt=data.format, skip_bad=data.skip_bad_rows)
@@ -270,7 +270,7 @@ def make_callback(run_dir: Path):
             else:
                 return  # the end-of-training summary; status.json carries it
             record.update(_torch_memory())
-            runs.append_jsonl(paths.metrics, record)
+            rundir.append_jsonl(paths.metrics, record)
             if is_eval and state.global_step == 0:
                 update_status(run_dir, baseline_eval_loss=record["eval_loss"])
             update_status(run_dir, step=state.global_step, max_steps=state.max_steps, eta_s=record["eta_s"])
@@ -289,7 +289,7 @@ def make_callback(run_dir: Path):
                 update_status(run_dir, "training", message="Training.")
 
         def on_prediction_step(self, args, state, control, **kwargs):
-            status = runs.read_status(run_dir)
+            status = rundir.read_status(run_dir)
             if status.get("state") != "evaluating":
                 update_status(run_dir, "evaluating", message="Evaluating on the held-out rows.")
 
@@ -316,7 +316,7 @@ def write_lineage(paths: RunPaths, config: RunConfig, model_path: str, data_line
     lineage = {"base_model": model_lineage(config.model.name_or_path, model_path, config.model.revision),
                "data": data_lineage, "software": software_lineage(), "method": config.method,
                "written_at": time.time()}
-    runs.write_json_atomic(paths.lineage, lineage)
+    rundir.write_json_atomic(paths.lineage, lineage)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -352,7 +352,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the training peak, not the loading peak
 
-    checkpoint = runs.latest_checkpoint(run_dir) if resume else None
+    checkpoint = rundir.latest_checkpoint(run_dir) if resume else None
     if resume and checkpoint is None:
         log("resume asked for, but no checkpoint exists: starting from step 0")
     elif checkpoint is not None:
@@ -416,7 +416,7 @@ def explain_failure(error: BaseException) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.worker", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m engine.training.worker", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     args = parser.parse_args(argv)

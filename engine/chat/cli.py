@@ -1,7 +1,7 @@
 """``python -m engine compare RUN``: base and fine-tuned answers to a prompt set, headless.
 
 For qualitative checks without the dashboard (and in scripts: ``--json``). The same
-``engine.chat.ChatModels`` the Chat tab uses, so answers match what the tab shows for the
+``engine.chat.models.ChatModels`` the Chat tab uses, so answers match what the tab shows for the
 same settings.
 """
 
@@ -13,10 +13,10 @@ import os
 import sys
 from pathlib import Path
 
-from engine.chat import ChatModels, Comparison, Sampling
-from engine.chat_prompts import held_out_prompts, prompts_from_file
-from engine.chat_ratings import describe_win_rate, win_rate
-from engine.chat_sources import LATEST, AdapterSource, resolve_adapter
+from engine.chat.models import ChatModels, Comparison, Sampling
+from engine.chat.prompts import held_out_prompts, prompts_from_file
+from engine.chat.ratings import describe_win_rate, win_rate
+from engine.chat.sources import LATEST, AdapterSource, resolve_adapter
 from engine.errors import LoraLabError, RunError
 
 

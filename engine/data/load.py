@@ -2,9 +2,10 @@
 
 The worker and the Dataset tab both call ``load_dataset_rows``, so what a person previews
 is what the model trains on. The pieces live in small modules:
-``data_read`` (files, folders, hub), ``data_formats`` (detection and normalisation),
-``data_preview`` (chat template and loss mask, as TRL computes them),
-``data_stats`` (token statistics and warnings) and ``data_cli`` (``python -m engine data``).
+``read`` (files, folders, hub), ``formats`` (detection and normalisation),
+``preview`` (chat template and loss mask, as TRL computes them),
+``stats`` (token statistics and warnings), ``report`` (the Dataset tab's figures) and ``cli``
+(``python -m engine data``).
 """
 
 from __future__ import annotations
@@ -15,24 +16,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data_formats import FORMATS, RowError, WEIGHT_NOTE, detect_format, normalise_record
-from engine.data_read import RecordReader, file_sha256, hub_revision, open_file_records
+from engine.data.formats import FORMATS, RowError, WEIGHT_NOTE, detect_format, normalise_record
+from engine.data.read import RecordReader, file_sha256, hub_revision, open_file_records
 from engine.errors import ConfigError, DataError, LoraLabError
 
 DEMO_SOURCE = "demo"
 MAX_PROBLEMS_KEPT = 5
 
-__all__ = [
-    "DEMO_SOURCE",
-    "FORMATS",
-    "DatasetStream",
-    "LoadedDataset",
-    "cli_main",
-    "load_dataset_rows",
-    "open_dataset",
-    "parse_column_map",
-    "split_rows",
-]
 
 
 def demo_path(split: str = "train") -> Path:
@@ -107,7 +97,7 @@ class DatasetStream:
             return open_file_records(path, self.split), str(path), False
         if not looks_like_hub_id(resolved):  # pragma: no cover - resolve_source already refused it
             raise DataError(f"The dataset '{self.source}' is neither a file nor a hub id.")
-        from engine.data_read import HubDatasetReader
+        from engine.data.read import HubDatasetReader
         from engine.hub import hub_is_reachable
 
         return HubDatasetReader(resolved, self.split, streaming=hub_is_reachable()), resolved, True
@@ -164,7 +154,7 @@ class DatasetStream:
 
 
 def _mapped(value: Any, column_map: dict[str, str] | None) -> Any:
-    from engine.data_formats import apply_column_map
+    from engine.data.formats import apply_column_map
 
     return apply_column_map(value, column_map) if isinstance(value, dict) else value
 
@@ -300,10 +290,3 @@ def split_rows(rows: list, eval_fraction: float, seed: int) -> tuple[list, list]
     train = [row for i, row in enumerate(rows) if i not in held_out]
     evaluation = [rows[i] for i in sorted(held_out)]
     return train, evaluation
-
-
-def cli_main(argv: list[str] | None = None) -> int:
-    """``python -m engine data ...`` (see ``engine.data_cli``)."""
-    from engine.data_cli import main
-
-    return main(argv)
