@@ -44,7 +44,7 @@ def app(demo_lora_run, tmp_path_factory):
     demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", quiet=True)
     try:
         client = gradio_client.Client(demo.local_url, verbose=False)
-        yield SimpleNamespace(client=client, ctx=ctx, run_dir=run_dir, models=ctx.extras["chat_models"])
+        yield SimpleNamespace(client=client, ctx=ctx, run_dir=run_dir, models=ctx.chat)
     finally:
         demo.close()
 

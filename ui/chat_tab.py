@@ -2,7 +2,7 @@
 
 Layout and wiring only. Loading, generation, prompt sets and ratings are ``engine.chat.models*``;
 the app holds one ``engine.chat.models.ChatModels`` (one base in memory, several adapters), kept in
-``ctx.extras["chat_models"]``. Stop works through a per-browser-session ``threading.Event``
+``ctx.chat``. Stop works through a per-browser-session ``threading.Event``
 that generation checks at every token, and the stop buttons also cancel the UI events.
 """
 
@@ -286,7 +286,9 @@ def rate(batch, choice: str):
 
 # ----------------------------------------------------------------------------- layout
 def build(ctx) -> None:
-    models: ChatModels = ctx.extras.setdefault("chat_models", ChatModels())
+    if ctx.chat is None:
+        ctx.chat = ChatModels()
+    models: ChatModels = ctx.chat
     runs_dir = ctx.runs_dir
 
     gr.Markdown(

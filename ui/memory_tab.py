@@ -269,7 +269,7 @@ def build(ctx) -> None:
             # The Train tab (built first) shares its form components and a function turning their values into a
             # run config dict, so this button reads what the Train tab shows in this browser, not a global.
             use_train = None
-            if ctx.extras.get("train_form_inputs") and callable(ctx.extras.get("train_form_to_config")):
+            if ctx.train_form:
                 use_train = gr.Button("Use Train-tab settings", size="sm")
         with gr.Column(scale=1):
             method = gr.Radio([(METHOD_LABELS[m], m) for m in ("full", "lora", "qlora", "lora8bit")], value="qlora",
@@ -315,7 +315,10 @@ def build(ctx) -> None:
 
     if use_train is not None:
         def from_train(*train_values):
-            run_config = ctx.extras["train_form_to_config"](*train_values)
+            from ui.train_tab import validate_form
+
+            form_config, _ = validate_form(*train_values)
+            run_config = form_config.to_dict() if form_config else None
             if run_config is None:
                 raise gr.Error("The Train tab's form has invalid values: press Show command there to see which.")
             try:
@@ -328,7 +331,7 @@ def build(ctx) -> None:
                     values["batch"], values["seq_len"], values["grad_ckpt"], values["optimizer"], values["dtype"],
                     values["double_quant"], values["attn"], values["kbit_upcast"])
 
-        use_train.click(from_train, ctx.extras["train_form_inputs"], [source, catalog_id, folder, method, rank, alpha, targets, dora, dropout,
+        use_train.click(from_train, ctx.train_form, [source, catalog_id, folder, method, rank, alpha, targets, dora, dropout,
                                            batch, seq_len, grad_ckpt, optimizer, dtype, double_quant, attn,
                                            kbit_upcast]).then(estimate_view, inputs, [figure, table, summary])
 

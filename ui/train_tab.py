@@ -474,9 +474,4 @@ def build(ctx: AppContext) -> None:
     compare_pick.change(on_compare, [compare_pick], [compare_loss, compare_memory, compare_configs],
                         api_name="compare")
 
-    def current_form_config(*values):
-        config, _ = validate_form(*values)
-        return config.to_dict() if config else None
-
-    ctx.extras["train_form_inputs"] = [preset, method] + form
-    ctx.extras["train_form_to_config"] = current_form_config
+    ctx.train_form = [preset, method] + form

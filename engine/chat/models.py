@@ -31,7 +31,6 @@ from engine.chat.ratings import BASE, FINETUNED, win_rate
 from engine.chat.sources import (
     LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
 )
-from accelerate.utils import release_memory
 from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
 
 
@@ -337,6 +336,7 @@ class ChatModels:
             self._adapters.clear()
             self._base_key = None
             self.active = None
+            from accelerate.utils import release_memory  # lazy: accelerate imports torch
             release_memory()
 
     def memory(self) -> dict:

@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Callable
 
 from engine.training import rundir
-from accelerate.utils import release_memory
 from engine.errors import LoraLabError, RunError
 
 KINDS = ("adapter", "merged")
@@ -345,6 +344,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
             model.save_pretrained(str(staging))
         tokenizer.save_pretrained(str(staging))
         del model
+        from accelerate.utils import release_memory  # lazy: accelerate imports torch
         release_memory()
 
         gap = None
@@ -354,6 +354,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
                 quantized = load_quantized_reference(base_path, base_kwargs, paths.adapter, config.to_dict()["quant"])
                 gap = export_verify.quantization_gap(quantized, reference)
                 del quantized
+                from accelerate.utils import release_memory  # lazy: accelerate imports torch
                 release_memory()
             except Exception as error:  # noqa: BLE001 - informational only, never fails an export
                 gap = {"error": f"could not load the 4-bit base here: {str(error).splitlines()[0][:200]}"}
