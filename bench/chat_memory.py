@@ -46,13 +46,17 @@ MODES = ("base", "side-by-side", "two-copies")
 def make_adapter(base_dir: Path, target: Path, seed: int = 0) -> Path:
     """A random (non-zero) LoRA adapter on all linear layers, so the 'on' side really computes it."""
     import torch
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
     from transformers import AutoModelForCausalLM
+
+    from engine.config import RunConfig
+    from engine.config.build import to_lora_config
 
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
-    peft = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear",
-                                            init_lora_weights=False, task_type="CAUSAL_LM"))
+    lora = to_lora_config(RunConfig())  # r=16, alpha=32, all-linear
+    lora.init_lora_weights = False  # random B as well as A: the adapter changes every output
+    peft = get_peft_model(model, lora)
     peft.save_pretrained(target)
     return target
 

@@ -46,6 +46,27 @@ def _torch_dtype(settings: MemorySettings):
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[settings.compute_dtype]
 
 
+def run_config_for(s: MemorySettings):
+    """The RunConfig a LoRA Lab run with these memory settings would have: the harness builds its
+    LoraConfig and BitsAndBytesConfig through engine.config.build, exactly as training does."""
+    from engine.config import RunConfig
+
+    config = RunConfig()
+    config.set_method({"qlora": "qlora", "lora8bit": "lora8bit", "full": "full"}.get(s.method, "lora"))
+    config.lora.r, config.lora.lora_alpha, config.lora.lora_dropout = s.rank, float(s.alpha), s.lora_dropout
+    config.lora.target_modules = s.targets if isinstance(s.targets, str) else list(s.targets)
+    config.lora.use_dora = s.dora
+    config.quant.bnb_4bit_use_double_quant = s.double_quant
+    config.quant.bnb_4bit_compute_dtype = s.compute_dtype
+    return config
+
+
+def _runtime(s: MemorySettings, device: str):
+    from engine.config.build import Runtime
+
+    return Runtime(device=device, bf16=s.compute_dtype == "bfloat16", optim=s.optimizer, compute_dtype=s.compute_dtype)
+
+
 def save_random_model(arch: ModelArch, folder: Path, dtype_name: str = "bfloat16", device: str = "cpu", seed: int = 0) -> Path:
     """Write a randomly initialised checkpoint of ``arch`` (reused when it is already there)."""
     import torch
@@ -74,7 +95,7 @@ def build_model(arch: ModelArch, settings: MemorySettings, device: str = "cpu", 
     quantization is exactly the one training uses.
     """
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM
 
     s = settings.normalized()
     dtype = _torch_dtype(s)
@@ -82,15 +103,9 @@ def build_model(arch: ModelArch, settings: MemorySettings, device: str = "cpu", 
     if s.method in ("qlora", "lora8bit"):
         folder = Path(checkpoint_dir or tempfile.mkdtemp(prefix="loralab-mem-"))
         save_random_model(arch, folder, "bfloat16" if dtype != torch.float32 else "float32", device=device, seed=seed)
-        if s.method == "qlora":
-            quant = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=s.double_quant,
-                bnb_4bit_compute_dtype=dtype,
-            )
-        else:
-            quant = BitsAndBytesConfig(load_in_8bit=True)
+        from engine.config.build import to_bnb_config
+
+        quant = to_bnb_config(run_config_for(s), _runtime(s, device))
         device_map = {"": device if device == "cpu" else torch.device(device).index or 0}
         model = AutoModelForCausalLM.from_pretrained(
             folder, quantization_config=quant, dtype=dtype, device_map=device_map,
@@ -126,17 +141,11 @@ def prepare_for_training(model, s: MemorySettings, reentrant: bool = False):
             param.requires_grad_(True)
         model.train()
         return model
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    config = LoraConfig(
-        r=s.rank,
-        lora_alpha=s.alpha,
-        target_modules=s.targets,
-        lora_dropout=s.lora_dropout,
-        use_dora=s.dora,
-        task_type="CAUSAL_LM",
-    )
-    model = get_peft_model(model, config)
+    from engine.config.build import to_lora_config
+
+    model = get_peft_model(model, to_lora_config(run_config_for(s)))
     if s.gradient_checkpointing:
         model.enable_input_require_grads()  # what TRL's SFTTrainer does for PEFT + checkpointing
     if s.method in ("qlora", "lora8bit") and s.adapter_dtype == "auto":
@@ -224,11 +233,11 @@ def meta_parameter_counts(arch: ModelArch, settings: MemorySettings) -> tuple[in
     if s.method == "full":
         total = sum(p.numel() for p in model.parameters())
         return total, total
-    from peft import LoraConfig, get_peft_model
+    from peft import get_peft_model
 
-    peft_model = get_peft_model(
-        model, LoraConfig(r=s.rank, lora_alpha=s.alpha, target_modules=s.targets, use_dora=s.dora, task_type="CAUSAL_LM")
-    )
+    from engine.config.build import to_lora_config
+
+    peft_model = get_peft_model(model, to_lora_config(run_config_for(s)))
     return peft_model.get_nb_trainable_parameters()
 
 
@@ -259,12 +268,15 @@ def quantized_storage_bytes(model) -> dict[str, int]:
 
 def make_optimizer(model, settings: MemorySettings):
     """The optimizer transformers' Trainer would create for ``settings.optimizer``."""
-    from transformers import Trainer, TrainingArguments
+    from transformers import Trainer
+
+    from engine.config.build import Runtime, to_sft_config
 
     s = settings.normalized()
     name = {"adamw_8bit": "adamw_bnb_8bit"}.get(s.optimizer, s.optimizer)
-    args = TrainingArguments(output_dir=tempfile.mkdtemp(prefix="loralab-opt-"), optim=name, report_to=[],
-                             bf16=False, fp16=False)
+    runtime = Runtime(device="cpu" if next(model.parameters()).device.type == "cpu" else "cuda", bf16=False,
+                      optim=name, compute_dtype=s.compute_dtype)
+    args = to_sft_config(run_config_for(s), runtime, tempfile.mkdtemp(prefix="loralab-opt-"), has_eval=False)
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = cls(params, **kwargs)

@@ -23,22 +23,20 @@ sys.path.insert(0, str(ROOT))
 BARE_TRL = r'''
 import json, sys
 from datasets import Dataset
-from peft import LoraConfig
 from transformers import AutoModelForCausalLM, AutoTokenizer
-from trl import SFTConfig, SFTTrainer
+from trl import SFTTrainer
+from engine.config import load_preset
+from engine.config.build import decide_runtime, to_lora_config, to_sft_config
 model_dir, data_file, steps, out = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+# The same arguments the worker builds (one builder), without the worker around the trainer.
+config = load_preset("demo-lora", [f"train.max_steps={steps}"])
+args = to_sft_config(config, decide_runtime(config), out, has_eval=False)
+args.save_strategy = "no"
 rows = [{"messages": json.loads(line)["messages"]} for line in open(data_file)]
 tokenizer = AutoTokenizer.from_pretrained(model_dir)
 model = AutoModelForCausalLM.from_pretrained(model_dir, dtype="float32")
-args = SFTConfig(output_dir=out, max_steps=steps, per_device_train_batch_size=16, learning_rate=2e-3,
-                 lr_scheduler_type="cosine", warmup_steps=0.03, max_grad_norm=1.0, optim="adamw_torch",
-                 max_length=128, assistant_only_loss=True, gradient_checkpointing=False, bf16=False, use_cpu=True,
-                 logging_steps=5, logging_first_step=True, eval_strategy="no", save_strategy="no", seed=42,
-                 report_to="none", disable_tqdm=True, include_num_input_tokens_seen="non_padding",
-                 dataloader_num_workers=0)
-peft = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
 trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows), processing_class=tokenizer,
-                     peft_config=peft)
+                     peft_config=to_lora_config(config))
 result = trainer.train()
 print(json.dumps({"runtime": result.metrics["train_runtime"], "tokens": trainer.state.num_input_tokens_seen}))
 '''
@@ -46,7 +44,7 @@ print(json.dumps({"runtime": result.metrics["train_runtime"], "tokens": trainer.
 
 def run_worker(runs_dir: Path, steps: int) -> float:
     from engine.training import rundir
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
 
     config = load_preset("demo-lora", [f"train.max_steps={steps}", "data.eval_path=null", "data.eval_fraction=0",
                                        f"train.save_steps={steps * 10}"])
@@ -61,7 +59,7 @@ def run_bare(model_dir: Path, steps: int, scratch: Path) -> float:
     from engine.demo import demo_dataset_path
 
     out = subprocess.run([sys.executable, "-c", BARE_TRL, str(model_dir), str(demo_dataset_path()), str(steps),
-                          str(scratch / "bare")], capture_output=True, text=True, check=True)
+                          str(scratch / "bare")], capture_output=True, text=True, check=True, cwd=ROOT)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     return result["tokens"] / result["runtime"]
 

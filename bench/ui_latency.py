@@ -40,7 +40,7 @@ def main() -> None:
     from gradio_client import Client
 
     from engine.training import rundir
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
     from engine.demo import ensure_demo_model
     from engine.training.jobs import JobManager
     from ui.context import AppContext

@@ -38,7 +38,7 @@ def run_preset_to_end(runs_dir: Path, preset: str, overrides: list[str] = (), na
                       timeout: float = 600) -> Path:
     """Train through the real worker process, exactly as the dashboard does; return the run dir."""
     from engine.training import rundir
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
     from engine.training.jobs import spawn_worker
 
     config = load_preset(preset, list(overrides)).validate()

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from engine.training import rundir
-from engine.config.schema import load_preset
+from engine.config import load_preset
 from engine.training.jobs import wait_for_state
 from tests.conftest import PROJECT_ROOT
 

@@ -176,7 +176,7 @@ def test_load_state_is_described_in_words(loaded, chat_run):
 
 
 def test_run_without_adapter_says_so(tmp_path):
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
     from engine.training.rundir import create_run
 
     create_run(tmp_path, load_preset("demo-lora"), name="fresh")

@@ -26,7 +26,7 @@ def text_of(message: dict) -> str:
 
 @pytest.fixture(scope="module")
 def app(demo_lora_run, tmp_path_factory):
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
     from engine.training.rundir import create_run
     from ui import chat_tab
     from ui.context import AppContext

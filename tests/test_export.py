@@ -284,7 +284,7 @@ def test_export_name_through_a_symlink_is_refused(tmp_path):
 
 
 def make_run(runs_dir: Path, state: str | None, **fields) -> Path:
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
 
     run_dir = rundir.create_run(runs_dir, load_preset("demo-lora"))
     if state:
@@ -397,7 +397,7 @@ def qlora_run(tmp_path_factory, demo_model_dir) -> Path:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoTokenizer
 
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
     from engine.lineage import model_lineage, software_lineage
 
     run_dir = rundir.create_run(tmp_path_factory.mktemp("qruns"), load_preset("demo-qlora"), name="qlora-run")

@@ -278,6 +278,9 @@ def test_run_config_mapping():
         "train": {"per_device_train_batch_size": 4, "max_length": 512, "gradient_checkpointing": True,
                   "optim": "paged_adamw_32bit", "bf16": True},
     }
+    from engine.config import RunConfig
+
+    run_config = RunConfig.from_dict(run_config)
     name, s = settings_from_run_config(run_config)
     assert name == "qwen2.5-1.5b"
     assert (s.method, s.rank, s.alpha, s.targets, s.double_quant, s.batch_size, s.seq_len) == (
@@ -289,9 +292,10 @@ def test_run_config_mapping():
 
 def test_run_config_from_the_config_module():
     """The Train tab's RunConfig dictionaries map without translation."""
-    config_module = pytest.importorskip("engine.config.schema")
-    run_config = config_module.RunConfig().to_dict()
-    run_config["model"]["name_or_path"] = "smollm2-135m"
+    from engine.config import RunConfig
+
+    run_config = RunConfig()
+    run_config.model.name_or_path = "smollm2-135m"
     est = estimate_for_run_config(run_config)
     assert est.model == "smollm2-135m"
 
@@ -327,25 +331,28 @@ def test_estimator_and_tab_do_not_import_torch():
 def test_memory_tab_helpers(tmp_path):
     from ui import memory_tab
 
-    figure, rows, text = memory_tab.estimate_view(
-        "Catalog", "llama-3.1-8b", "", 0, 0, 0, 0, 0, 0, "qlora", 16, 32, "all-linear", False, 0.0, 1, 2048, True,
-        "adamw_torch_fused", "bfloat16", True, "sdpa", "chunked", True, "RTX 4090 24 GB")
+    form = {"source": "Catalog", "catalog_id": "llama-3.1-8b", "folder": "", "method": "qlora", "rank": 16,
+            "alpha": 32, "targets": "all-linear", "dora": False, "lora_dropout": 0.0, "batch_size": 1,
+            "seq_len": 2048, "gradient_checkpointing": True, "optimizer": "adamw_torch_fused",
+            "compute_dtype": "bfloat16", "double_quant": True, "attn": "sdpa", "loss": "chunked",
+            "kbit_upcast": True, "gpu": "RTX 4090 24 GB"}
+    figure, rows, text = memory_tab.estimate_view(form)
     assert list(figure.data[0].x) == ["Full fine-tuning", "LoRA (16-bit base)", "QLoRA (4-bit NF4 base)"]
     assert len(figure.data) >= 5  # one stacked bar per term
     assert rows[-1][0] == "nvidia-smi" and "fits" in text
-    _, _, error = memory_tab.estimate_view(
-        "Custom dimensions", "", "", 4096, 0, 32, 8, 14336, 128256, "qlora", 16, 32, "all-linear", False, 0.0, 1,
-        2048, True, "adamw_torch_fused", "bfloat16", True, "sdpa", "chunked", True, None)
+    custom = dict(form, source="Custom dimensions", hidden=4096, layers=0, heads=32, kv_heads=8,
+                  intermediate=14336, vocab=128256, gpu=None)
+    _, _, error = memory_tab.estimate_view(custom)
     assert error.startswith("**Cannot estimate:**")
     assert "Pick a run" in memory_tab.run_comparison_markdown(tmp_path, None)
 
 
 def test_run_comparison_reads_a_run_directory(tmp_path):
-    config_module = pytest.importorskip("engine.config.schema")
-    runs = pytest.importorskip("engine.training.rundir")
+    from engine.config import RunConfig
+    from engine.training import rundir as runs
     from ui import memory_tab
 
-    config = config_module.RunConfig()
+    config = RunConfig()
     config.model.name_or_path = "smollm2-135m"
     run_dir = runs.create_run(tmp_path, config, name="measured")
     runs.append_jsonl(runs.RunPaths(run_dir).metrics, {"event": "log", "step": 1, "torch_peak_allocated_bytes": 2**30})

@@ -3,7 +3,8 @@
 import torch
 
 from engine.errors import ConfigError
-from engine.training.worker import decide_runtime, explain_failure
+from engine.config.build import decide_runtime
+from engine.training.worker import explain_failure, record_runtime
 
 
 def test_cuda_oom_is_explained_with_what_to_change():
@@ -23,12 +24,13 @@ def test_project_errors_pass_through_and_others_name_their_type():
 
 def test_cpu_fallbacks_are_recorded_in_words(tmp_path):
     from engine.training import rundir
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
 
     config = load_preset("qlora")
     run_dir = rundir.create_run(tmp_path, config)
-    decisions = decide_runtime(config, run_dir)
-    assert decisions == {"device": "cpu", "bf16": False, "optim": "adamw_torch", "compute_dtype": "float32"}
+    runtime = decide_runtime(config)
+    assert runtime.as_dict() == {"device": "cpu", "bf16": False, "optim": "adamw_torch", "compute_dtype": "float32"}
+    record_runtime(run_dir, runtime)
     fallbacks = rundir.read_status(run_dir)["fallbacks"]
     assert any("paged_adamw_32bit" in f and "adamw_torch" in f for f in fallbacks)
     assert any("bf16" in f for f in fallbacks) and any("No CUDA" in f for f in fallbacks)

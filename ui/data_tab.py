@@ -333,7 +333,7 @@ def _starting_values() -> dict:
     values = dict(source="demo", model="demo", max_length=DEFAULT_MAX_LENGTH, batch=4, accumulation=1,
                   eval_fraction=0.1, seed=42)
     try:
-        from engine.config.schema import load_preset
+        from engine.config import load_preset
 
         config = load_preset("demo-lora", [])
         values.update(

@@ -9,6 +9,7 @@ No torch import here: the estimator is arithmetic.
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -62,28 +63,41 @@ def resolve_arch(source: str, catalog_id: str | None, folder: str | None, dims: 
     return load_arch(catalog_id or "")
 
 
-def settings_from_form(method, rank, alpha, targets, dora, dropout, batch, seq_len, grad_ckpt, optimizer, dtype,
-                       double_quant, attn, loss, kbit_upcast, padded=False) -> MemorySettings:
-    text = (targets or "all-linear").strip()
-    target_value: Any = "all-linear" if text in ("", "all-linear") else [t.strip() for t in text.split(",") if t.strip()]
-    return MemorySettings(
-        method=method,
-        rank=int(rank),
-        alpha=int(alpha),
-        targets=target_value,
-        dora=bool(dora),
-        lora_dropout=float(dropout or 0.0),
-        batch_size=int(batch),
-        seq_len=int(seq_len),
-        gradient_checkpointing=bool(grad_ckpt),
-        optimizer=optimizer,
-        compute_dtype=dtype,
-        double_quant=bool(double_quant),
-        attn=attn,
-        loss=loss,
-        kbit_upcast=bool(kbit_upcast),
-        padded=bool(padded),
-    )
+# The form holds a MemorySettings field per component (same names), plus the model and the GPU.
+SETTING_FIELDS = ("method", "rank", "alpha", "targets", "dora", "lora_dropout", "batch_size", "seq_len",
+                  "gradient_checkpointing", "optimizer", "compute_dtype", "double_quant", "attn", "loss",
+                  "kbit_upcast")
+MODEL_FIELDS = ("source", "catalog_id", "folder", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
+INT_SETTINGS = ("rank", "alpha", "batch_size", "seq_len")
+
+
+def settings_from_values(values: dict[str, Any]) -> MemorySettings:
+    """The form's values (keyed by MemorySettings field name) as MemorySettings."""
+    text = str(values.get("targets") or "all-linear").strip()
+    settings = {name: values[name] for name in SETTING_FIELDS if name in values}
+    settings["targets"] = "all-linear" if text in ("", "all-linear") else \
+        [part.strip() for part in text.split(",") if part.strip()]
+    for name in INT_SETTINGS:
+        if name in settings:
+            settings[name] = int(settings[name])
+    settings["lora_dropout"] = float(settings.get("lora_dropout") or 0.0)
+    return MemorySettings(**settings)
+
+
+def values_from_settings(settings: MemorySettings) -> dict[str, Any]:
+    """MemorySettings as the form shows them (target modules comma-separated)."""
+    values = {name: getattr(settings, name) for name in SETTING_FIELDS}
+    if not isinstance(settings.targets, str):
+        values["targets"] = ", ".join(settings.targets)
+    return values
+
+
+def values_from_run_config(config) -> dict[str, Any]:
+    """The form's values for a RunConfig (the Train tab's form): the one way settings cross over."""
+    name, settings = settings_from_run_config(config)
+    catalog = name in catalog_ids()
+    return {"source": "Catalog" if catalog else "Folder or hub id", "catalog_id": name if catalog else None,
+            "folder": "" if catalog else name, **values_from_settings(settings)}
 
 
 def compare_methods(arch: ModelArch, settings: MemorySettings) -> dict[str, MemoryEstimate]:
@@ -156,44 +170,59 @@ def summary_markdown(arch: ModelArch, settings: MemorySettings, est: MemoryEstim
     return "\n".join(lines)
 
 
-def estimate_view(source, catalog_id, folder, hidden, layers, heads, kv_heads, intermediate, vocab, method, rank,
-                  alpha, targets, dora, dropout, batch, seq_len, grad_ckpt, optimizer, dtype, double_quant, attn,
-                  loss, kbit_upcast, gpu):
-    """Everything the tab shows for one form state: (figure, table rows, markdown)."""
+def estimate_view(values: dict[str, Any]):
+    """Everything the tab shows for one form state: (figure, table rows, markdown).
+
+    ``values`` holds the model fields (``MODEL_FIELDS``), the MemorySettings fields and ``gpu``.
+    """
+    gpu = values.get("gpu")
     try:
-        arch = resolve_arch(source, catalog_id, folder, (hidden, layers, heads, kv_heads, intermediate, vocab))
-        settings = settings_from_form(method, rank, alpha, targets, dora, dropout, batch, seq_len, grad_ckpt,
-                                      optimizer, dtype, double_quant, attn, loss, kbit_upcast)
+        arch = resolve_arch(values.get("source"), values.get("catalog_id"), values.get("folder"),
+                            [values.get(name) for name in MODEL_FIELDS[3:]])
+        settings = settings_from_values(values)
         estimates = compare_methods(arch, settings)
         chosen = estimates.get(settings.normalized().method) or estimate(arch, settings)
-    except LoraLabError as exc:
+    except (LoraLabError, ValueError, TypeError) as exc:
         return go.Figure(), [], f"**Cannot estimate:** {exc}"
     return comparison_figure(estimates, gpu), terms_table(chosen), summary_markdown(arch, settings, chosen, gpu)
 
 
-def form_from_run_config(run_config: dict) -> dict:
-    """Form values for a Train-tab run config (see engine.memory.estimator.settings_from_run_config)."""
-    name, s = settings_from_run_config(run_config)
-    catalog = name in catalog_ids()
-    return {
-        "source": "Catalog" if catalog else "Folder or hub id",
-        "catalog_id": name if catalog else None,
-        "folder": "" if catalog else name,
-        "method": s.method,
-        "rank": s.rank,
-        "alpha": s.alpha,
-        "targets": s.targets if isinstance(s.targets, str) else ", ".join(s.targets),
-        "dora": s.dora,
-        "dropout": s.lora_dropout,
-        "batch": s.batch_size,
-        "seq_len": s.seq_len,
-        "grad_ckpt": s.gradient_checkpointing,
-        "optimizer": s.optimizer,
-        "dtype": s.compute_dtype,
-        "double_quant": s.double_quant,
-        "attn": s.attn,
-        "kbit_upcast": s.kbit_upcast,
-    }
+def estimate_from_components(components: dict[str, Any], data: dict):
+    """Gradio hands a set of inputs over as {component: value}; turn it back into names."""
+    return estimate_view({name: data[component] for name, component in components.items()})
+
+
+def from_train_form(components: dict[str, Any], *train_values) -> list:
+    """'Use Train-tab settings': the Train form -> RunConfig -> this form, one update per component."""
+    from ui.train_tab import form_to_config
+
+    config, errors = form_to_config(*train_values)
+    if config is None or errors:
+        raise gr_error("The Train tab's form has invalid values: press Show command there to see which.")
+    try:
+        values = values_from_run_config(config)
+    except LoraLabError as exc:
+        raise gr_error(str(exc)) from exc
+    updates = []
+    for name in components:
+        if name in ("catalog_id", "folder"):
+            visible = (values["source"] == "Catalog") == (name == "catalog_id")
+            updates.append(_update(value=values[name], visible=visible))
+        else:
+            updates.append(_update(value=values[name]) if name in values else _update())
+    return updates
+
+
+def gr_error(message: str):
+    import gradio as gr
+
+    return gr.Error(message)
+
+
+def _update(**kwargs):
+    import gradio as gr
+
+    return gr.update(**kwargs)
 
 
 def measured_peaks(run_dir: Path) -> dict[str, int | None]:
@@ -213,14 +242,11 @@ def run_comparison_markdown(runs_dir: Path, run_name: str | None) -> str:
     if not run_name:
         return "Pick a run to compare its measured peak with the prediction."
     try:
-        import yaml
-
+        from engine.memory import estimate_for_run_config
         from engine.training import rundir
-        from engine.memory.estimator import estimate_for_run_config
 
         run_dir = rundir.resolve_run(Path(runs_dir), run_name)
-        config = yaml.safe_load(rundir.RunPaths(run_dir).config.read_text(encoding="utf-8")) or {}
-        est = estimate_for_run_config(config)
+        est = estimate_for_run_config(rundir.load_config(run_dir))
         measured = measured_peaks(run_dir)
     except (LoraLabError, OSError, ValueError) as exc:
         return f"**Cannot compare:** {exc}"
@@ -247,6 +273,15 @@ def run_names(runs_dir: Path) -> list[str]:
         return [summary.name for summary in rundir.list_runs(Path(runs_dir))]
     except Exception:  # noqa: BLE001 - the runs list is a convenience; the tab must still load
         return []
+
+
+def on_source(choice: str):
+    return (_update(visible=choice == "Catalog"), _update(visible=choice == "Folder or hub id"),
+            _update(visible=choice == "Custom dimensions"))
+
+
+def run_names_update(runs_dir: Path):
+    return _update(choices=run_names(runs_dir))
 
 
 # ----------------------------------------------------------------------------- layout
@@ -302,43 +337,24 @@ def build(ctx) -> None:
     table = gr.Dataframe(headers=["term", "GiB", "why"], datatype=["str", "number", "str"], wrap=True,
                          label="Terms of the chosen method")
 
-    inputs = [source, catalog_id, folder, hidden, layers, heads, kv_heads, intermediate, vocab, method, rank, alpha,
-              targets, dora, dropout, batch, seq_len, grad_ckpt, optimizer, dtype, double_quant, attn, loss,
-              kbit_upcast, gpu]
-    estimate_button.click(estimate_view, inputs, [figure, table, summary])
-
-    def on_source(choice):
-        return (gr.update(visible=choice == "Catalog"), gr.update(visible=choice == "Folder or hub id"),
-                gr.update(visible=choice == "Custom dimensions"))
-
+    components = {"source": source, "catalog_id": catalog_id, "folder": folder, "hidden": hidden, "layers": layers,
+                  "heads": heads, "kv_heads": kv_heads, "intermediate": intermediate, "vocab": vocab,
+                  "method": method, "rank": rank, "alpha": alpha, "targets": targets, "dora": dora,
+                  "lora_dropout": dropout, "batch_size": batch, "seq_len": seq_len, "gradient_checkpointing": grad_ckpt,
+                  "optimizer": optimizer, "compute_dtype": dtype, "double_quant": double_quant, "attn": attn,
+                  "loss": loss, "kbit_upcast": kbit_upcast, "gpu": gpu}
+    estimate = partial(estimate_from_components, components)
+    inputs = set(components.values())
+    estimate_button.click(estimate, inputs, [figure, table, summary])
     source.change(on_source, [source], [catalog_id, folder, dims_group])
-
     if use_train is not None:
-        def from_train(*train_values):
-            from ui.train_tab import validate_form
-
-            form_config, _ = validate_form(*train_values)
-            run_config = form_config.to_dict() if form_config else None
-            if run_config is None:
-                raise gr.Error("The Train tab's form has invalid values: press Show command there to see which.")
-            try:
-                values = form_from_run_config(run_config)
-            except LoraLabError as exc:
-                raise gr.Error(str(exc)) from exc
-            return (values["source"], gr.update(value=values["catalog_id"], visible=values["source"] == "Catalog"),
-                    gr.update(value=values["folder"], visible=values["source"] != "Catalog"), values["method"],
-                    values["rank"], values["alpha"], values["targets"], values["dora"], values["dropout"],
-                    values["batch"], values["seq_len"], values["grad_ckpt"], values["optimizer"], values["dtype"],
-                    values["double_quant"], values["attn"], values["kbit_upcast"])
-
-        use_train.click(from_train, ctx.train_form, [source, catalog_id, folder, method, rank, alpha, targets, dora, dropout,
-                                           batch, seq_len, grad_ckpt, optimizer, dtype, double_quant, attn,
-                                           kbit_upcast]).then(estimate_view, inputs, [figure, table, summary])
+        use_train.click(partial(from_train_form, components), ctx.train_form, list(components.values())).then(
+            estimate, inputs, [figure, table, summary])
 
     with gr.Accordion("After a run: prediction against measurement", open=False):
         with gr.Row():
             run_pick = gr.Dropdown(run_names(ctx.runs_dir), label="Run", allow_custom_value=False)
             refresh = gr.Button("Refresh runs", size="sm")
         comparison = gr.Markdown("Pick a run to compare its measured peak with the prediction.")
-        refresh.click(lambda: gr.update(choices=run_names(ctx.runs_dir)), None, [run_pick])
-        run_pick.change(lambda name: run_comparison_markdown(ctx.runs_dir, name), [run_pick], [comparison])
+        refresh.click(partial(run_names_update, ctx.runs_dir), None, [run_pick])
+        run_pick.change(partial(run_comparison_markdown, ctx.runs_dir), [run_pick], [comparison])

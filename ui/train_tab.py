@@ -8,103 +8,81 @@ one-to-one onto ``RunConfig`` fields, the charts read the run directory through
 from __future__ import annotations
 
 import html
-import shlex
 import shutil
 import time
+from functools import partial
 from pathlib import Path
 
 import gradio as gr
 
-from engine.training import rundir
-from engine.config import METHODS, OPTIMIZERS, SCHEDULERS, RunConfig, field_help, list_presets, load_preset
+from engine.chat.ratings import format_win_rate_cell
+from engine.config import (
+    METHODS, RunConfig, command_line, config_diff, field_spec, list_presets, load_preset,
+)
+from engine.config.overrides import render_value
 from engine.errors import LoraLabError
+from engine.training import rundir
 from ui import charts
 from ui.context import AppContext
 
 DEFAULT_PRESET = "demo-lora"
 WATCH_LATEST = "(latest run)"
 
-# (dotted RunConfig field, component factory): the order here is the order of the form.
-FORM_FIELDS: list[tuple[str, callable]] = [
-    ("model.name_or_path", lambda h, v: gr.Textbox(value=v, label="Base model", info=h)),
-    ("model.trust_remote_code", lambda h, v: gr.Checkbox(value=v, label="Trust remote code", info=h)),
-    ("data.path", lambda h, v: gr.Textbox(value=v, label="Dataset", info=h)),
-    ("data.format", lambda h, v: gr.Dropdown(value=v, choices=["auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"],
-                                          label="Dataset format", info=h)),
-    ("data.eval_path", lambda h, v: gr.Textbox(value=v, label="Eval file (optional)", info=h)),
-    ("data.eval_fraction", lambda h, v: gr.Number(value=v, label="Eval fraction", info=h)),
-    ("lora.r", lambda h, v: gr.Number(value=v, label="Rank r", precision=0, info=h)),
-    ("lora.lora_alpha", lambda h, v: gr.Number(value=v, label="Alpha", info=h)),
-    ("lora.lora_dropout", lambda h, v: gr.Number(value=v, label="Dropout", info=h)),
-    ("lora.target_modules", lambda h, v: gr.Textbox(value=v, label="Target modules", info=h)),
-    ("train.learning_rate", lambda h, v: gr.Number(value=v, label="Learning rate", info=h)),
-    ("train.lr_scheduler_type", lambda h, v: gr.Dropdown(value=v, choices=list(SCHEDULERS), label="Schedule", info=h)),
-    ("train.optim", lambda h, v: gr.Dropdown(value=v, choices=list(OPTIMIZERS), label="Optimizer", info=h)),
-    ("train.num_train_epochs", lambda h, v: gr.Number(value=v, label="Epochs", info=h)),
-    ("train.max_steps", lambda h, v: gr.Number(value=v, label="Max steps", precision=0, info=h)),
-    ("train.per_device_train_batch_size", lambda h, v: gr.Number(value=v, label="Batch size", precision=0, info=h)),
-    ("train.gradient_accumulation_steps", lambda h, v: gr.Number(value=v, label="Gradient accumulation", precision=0, info=h)),
-    ("train.max_length", lambda h, v: gr.Number(value=v, label="Max length (tokens)", precision=0, info=h)),
-    ("train.packing", lambda h, v: gr.Checkbox(value=v, label="Packing", info=h)),
-    ("train.gradient_checkpointing", lambda h, v: gr.Checkbox(value=v, label="Gradient checkpointing", info=h)),
-    ("train.bf16", lambda h, v: gr.Checkbox(value=v, label="bf16", info=h)),
-    ("train.eval_steps", lambda h, v: gr.Number(value=v, label="Eval every N steps", precision=0, info=h)),
-    ("train.seed", lambda h, v: gr.Number(value=v, label="Seed", precision=0, info=h)),
-]
-FIELD_NAMES = [name for name, _ in FORM_FIELDS]
-INT_FIELDS = {"lora.r", "train.max_steps", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-              "train.max_length", "train.eval_steps", "train.seed"}
+# The form's fields, grouped as the page shows them. What each field is (type, label, help,
+# choices, range) comes from its RunConfig metadata (engine.config.field_spec), not from here.
+FORM_GROUPS: dict[str, list[str]] = {
+    "Model and data": ["model.name_or_path", "model.trust_remote_code", "data.path", "data.format", "data.eval_path",
+                       "data.eval_fraction"],
+    "LoRA": ["lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.target_modules"],
+    "Training": ["train.learning_rate", "train.lr_scheduler_type", "train.optim", "train.num_train_epochs",
+                 "train.max_steps", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
+                 "train.max_length", "train.packing", "train.gradient_checkpointing", "train.bf16",
+                 "train.eval_steps", "train.seed"],
+}
+FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
 
 
 # ----------------------------------------------------------------------------- form <-> config
-def _get(config: RunConfig, dotted: str):
-    section, name = dotted.split(".")
-    return getattr(getattr(config, section), name)
+def component_for(path: str, value):
+    """The input component a field's metadata asks for."""
+    spec = field_spec(path)
+    common = {"label": spec.label, "info": spec.help, "value": form_value(path, value)}
+    if spec.kind == "bool":
+        return gr.Checkbox(**common)
+    if spec.choices is not None:
+        return gr.Dropdown(choices=list(spec.choices), **common)
+    if spec.kind in ("int", "float", "number"):
+        return gr.Number(precision=0 if spec.kind == "int" else None, **common)
+    return gr.Textbox(**common)
+
+
+def form_value(path: str, value):
+    """A config value as the form shows it (lists comma-separated, nothing as an empty box)."""
+    if value is None:
+        return ""
+    if field_spec(path).kind in ("modules", "mapping"):
+        return render_value(value)
+    return value
 
 
 def config_to_values(config: RunConfig) -> list:
-    values = []
-    for name in FIELD_NAMES:
-        value = _get(config, name)
-        if name == "lora.target_modules" and isinstance(value, list):
-            value = ", ".join(value)
-        values.append("" if value is None and name.endswith(("eval_path",)) else value)
-    return values
+    return [form_value(name, config.get(name)) for name in FIELD_NAMES]
 
 
-def values_to_config(preset: str, method: str, values: list) -> RunConfig:
-    """The form's values applied over the preset, as the engine would read them from YAML."""
-    config = load_preset(preset or DEFAULT_PRESET)
-    for name, value in zip(FIELD_NAMES, values):
-        if isinstance(value, str):
-            value = value.strip()
-        if name == "data.eval_path" and not value:
-            value = None
-        if name in INT_FIELDS and isinstance(value, float) and value.is_integer():
-            value = int(value)
-        config.set_path(name, value)
-    config.set_method(method)
-    return config
-
-
-def command_line(preset: str, config: RunConfig) -> str:
-    """The headless equivalent: the preset plus a --set for every field the form changed."""
-    base = load_preset(preset or DEFAULT_PRESET).to_dict()
-    current = config.to_dict()
-    overrides = []
-    for section, fields in current.items():
-        if isinstance(fields, dict):
-            for key, value in fields.items():
-                if base.get(section, {}).get(key) != value:
-                    rendered = ",".join(value) if isinstance(value, list) else ("null" if value is None else value)
-                    overrides.append(f"--set {section}.{key}={shlex.quote(str(rendered))}")
-    preset_arg = f"presets/{preset}.yaml" if preset in list_presets() else shlex.quote(preset)
-    return " \\\n  ".join([f"python -m engine train {preset_arg}"] + overrides)
+def form_to_config(preset: str, method: str, *values) -> tuple[RunConfig | None, list[LoraLabError]]:
+    """The form's values over the preset, read as the engine reads YAML; every problem is returned."""
+    try:
+        config = load_preset(preset or DEFAULT_PRESET)
+        for name, value in zip(FIELD_NAMES, values):
+            config.set_path(name, value)
+        config.set_method(method)
+    except LoraLabError as error:
+        return None, [error]
+    return config, config.errors()
 
 
 def field_updates(errors: list[LoraLabError] | None) -> list:
     """One update per form field: the engine's message next to a wrong field, the help otherwise."""
-    helps = field_help()
     by_field: dict[str, str] = {}
     for error in errors or []:
         by_field.setdefault(getattr(error, "field", ""), str(error).split(": ", 1)[-1])
@@ -113,16 +91,8 @@ def field_updates(errors: list[LoraLabError] | None) -> list:
         if name in by_field:
             updates.append(gr.update(info=f"⚠ {by_field[name]}", elem_classes=["loralab-invalid"]))
         else:
-            updates.append(gr.update(info=helps.get(name, ""), elem_classes=[]))
+            updates.append(gr.update(info=field_spec(name).help, elem_classes=[]))
     return updates
-
-
-def validate_form(preset, method, *values) -> tuple[RunConfig | None, list[LoraLabError]]:
-    try:
-        config = values_to_config(preset, method, list(values))
-    except LoraLabError as error:
-        return None, [error]
-    return config, config.errors()
 
 
 def errors_markdown(errors: list[LoraLabError]) -> str:
@@ -152,12 +122,10 @@ class Monitor:
     def predicted_peak(self, run_dir: Path) -> int | None:
         if run_dir not in self.predicted:
             try:
-                from engine.memory.estimator import estimate_for_run_config
-                import yaml
+                from engine.memory import estimate_for_run_config
 
-                config = yaml.safe_load(rundir.RunPaths(run_dir).config.read_text())
                 # What NVML will show (CUDA context and allocator included), to match the chart it is drawn on.
-                self.predicted[run_dir] = estimate_for_run_config(config).nvidia_smi_bytes
+                self.predicted[run_dir] = estimate_for_run_config(rundir.load_config(run_dir)).nvidia_smi_bytes
             except Exception:  # noqa: BLE001 - a missing prediction must never break the chart
                 self.predicted[run_dir] = None
         return self.predicted[run_dir]
@@ -232,7 +200,7 @@ def runs_table(ctx: AppContext) -> list[list]:
     rows = []
     for summary in rundir.list_runs(ctx.runs_dir):
         row = summary.as_row()
-        row["win rate"] = _win_rate_text(summary.path)
+        row["win rate"] = win_rate_cell(summary.path)
         rows.append(list(row.values()))
     return rows
 
@@ -241,46 +209,152 @@ RUN_COLUMNS = ["name", "method", "base model", "status", "steps", "train loss", 
                "duration (s)", "created", "win rate"]
 
 
-def _win_rate_text(run_dir: Path) -> str:
+def win_rate_cell(run_dir: Path) -> str:
     try:
-        from engine.chat.models import win_rate
-
-        rate, wins, count = win_rate(run_dir)
-    except (ImportError, AttributeError):
-        return ""
+        return format_win_rate_cell(run_dir)
     except Exception:  # noqa: BLE001 - a bad ratings file must not break the table
         return "?"
-    return "" if not count or rate is None else f"{100 * rate:.0f}% of {count}"
 
 
-def config_diff(run_dirs: list[Path]) -> tuple[list[str], list[list]]:
-    """Side-by-side configs; rows whose values differ come first and are marked."""
-    flat = []
-    for run_dir in run_dirs:
+def run_names(ctx: AppContext) -> list[str]:
+    return [WATCH_LATEST] + [s.name for s in rundir.list_runs(ctx.runs_dir)]
+
+
+# ----------------------------------------------------------------------------- handlers (module level; tests call them)
+def on_preset(name: str) -> list:
+    """The preset's values into the form, its method into the radio."""
+    try:
+        config = load_preset(name)
+    except LoraLabError as error:
+        return [gr.update()] * (len(FIELD_NAMES) + 1) + [f"**Preset not loaded:** {html.escape(str(error))}"]
+    return config_to_values(config) + [config.method, ""]
+
+
+def on_upload(ctx: AppContext, path: str | None):
+    """Copy an uploaded dataset into the runs folder (uploads are temporary) and put its path in the form."""
+    if not path:
+        return gr.update()
+    source = Path(path)
+    if source.stat().st_size > ctx.max_upload_mb * 2**20:
+        return gr.update()
+    uploads = ctx.uploads_dir or (ctx.runs_dir / ".uploads")
+    uploads.mkdir(parents=True, exist_ok=True)
+    target = uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
+    shutil.copyfile(source, target)
+    return str(target)
+
+
+def on_show_command(preset: str, method: str, *values) -> list:
+    config, errors = form_to_config(preset, method, *values)
+    if config is None or errors:
+        return field_updates(errors) + [errors_markdown(errors), gr.update(), gr.update(), gr.update()]
+    return field_updates([]) + ["", command_line(preset or DEFAULT_PRESET, config), config.to_yaml(),
+                                gr.update(open=True)]
+
+
+def on_start(ctx: AppContext, preset: str, method: str, *values) -> list:
+    config, errors = form_to_config(preset, method, *values)
+    if config is None or errors:
+        return field_updates(errors) + [errors_markdown(errors), gr.update(), gr.update()]
+    try:
+        run_dir = ctx.jobs.submit(config)
+    except LoraLabError as error:
+        return field_updates([error]) + [errors_markdown([error]), gr.update(), gr.update()]
+    queued = ctx.jobs.active_name() != run_dir.name
+    note = f"Queued **{run_dir.name}** behind the running job." if queued else f"Started **{run_dir.name}**."
+    return field_updates([]) + [note, gr.update(choices=run_names(ctx), value=run_dir.name), runs_table(ctx)]
+
+
+def on_stop(ctx: AppContext, choice: str | None) -> str:
+    run_dir = resolve_watched(ctx, choice)
+    if run_dir is None:
+        return "No run to stop."
+    try:
+        outcome = ctx.jobs.stop(run_dir.name)
+    except LoraLabError as error:
+        return str(error)
+    return {"requested": f"Stopping **{run_dir.name}**: it finishes the current step, saves, then exits. "
+                         "Press Stop again to kill it now.",
+            "killed": f"**{run_dir.name}** was killed.",
+            "dequeued": f"**{run_dir.name}** was removed from the queue."}[outcome]
+
+
+def on_resume(ctx: AppContext, choice: str | None) -> str:
+    run_dir = resolve_watched(ctx, choice)
+    if run_dir is None:
+        return "No run to resume."
+    try:
+        ctx.jobs.resume(run_dir.name)
+    except LoraLabError as error:
+        return str(error)
+    return f"Resuming **{run_dir.name}** from its last checkpoint."
+
+
+def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str):
+    """Status every tick; charts only when the run or its files changed (bounded payloads)."""
+    run_dir = resolve_watched(ctx, choice)
+    if run_dir is None:
+        samples = ctx.sampler.recent(300) if ctx.sampler else []
+        return (status_html(None, ctx), gr.skip(), charts.memory_figure(samples), gr.skip(), gr.skip(),
+                gr.skip(), last_key)
+    watcher = monitor.watcher(run_dir)
+    key = f"{run_dir.name}:{len(watcher.metrics)}:{len(watcher.gpu_samples)}"
+    status_text = status_html(run_dir, ctx, watcher.metrics)
+    active = rundir.read_status(run_dir).get("state") in rundir.ACTIVE_STATES
+    # A finished run without samples of its own shows the live device memory instead.
+    live = not watcher.gpu_samples and not active and ctx.sampler is not None
+    samples = ctx.sampler.recent(300) if live else watcher.gpu_samples
+    if key == last_key:
+        memory = charts.memory_figure(samples, uirevision=f"memory-{run_dir.name}") if live else gr.skip()
+        return status_text, gr.skip(), memory, gr.skip(), gr.skip(), gr.skip(), key
+    revision = run_dir.name
+    return (
+        status_text,
+        charts.loss_figure(watcher.metrics, uirevision=f"loss-{revision}"),
+        charts.memory_figure(samples, predicted_peak_bytes=monitor.predicted_peak(run_dir),
+                             uirevision=f"memory-{revision}"),
+        charts.lr_gradnorm_figure(watcher.metrics, uirevision=f"lr-{revision}"),
+        charts.throughput_figure(watcher.metrics, uirevision=f"speed-{revision}"),
+        rundir.log_tail(run_dir, 60),
+        key,
+    )
+
+
+def on_refresh_runs(ctx: AppContext):
+    names = run_names(ctx)
+    return runs_table(ctx), gr.update(choices=names), gr.update(choices=names[1:])
+
+
+def on_compare(ctx: AppContext, names: list[str] | None):
+    """Loss and memory of the chosen runs overlaid, and their configs side by side (differences first)."""
+    run_dirs = []
+    for name in names or []:
         try:
-            config = rundir.load_config(run_dir).to_dict()
+            run_dirs.append(rundir.resolve_run(ctx.runs_dir, name))
         except LoraLabError:
-            config = {}
-        row = {}
-        for section, fields in config.items():
-            if isinstance(fields, dict):
-                row.update({f"{section}.{k}": v for k, v in fields.items()})
-        flat.append(row)
-    keys = sorted({k for row in flat for k in row})
-    differing = [k for k in keys if len({repr(row.get(k)) for row in flat}) > 1]
-    same = [k for k in keys if k not in differing]
-    headers = ["field"] + [d.name for d in run_dirs]
-    table = [[f"≠ {k}"] + [str(row.get(k)) for row in flat] for k in differing]
-    table += [[k] + [str(row.get(k)) for row in flat] for k in same]
-    return headers, table
+            continue
+    if not run_dirs:
+        return charts.empty_figure("Pick runs to compare", "compare-loss"), \
+            charts.empty_figure("Pick runs to compare", "compare-memory"), None
+    metrics = {d.name: rundir.read_metrics(d) for d in run_dirs}
+    samples = {d.name: rundir.read_gpu_samples(d) for d in run_dirs}
+    headers, rows = config_diff({d.name: _config_or_none(d) for d in run_dirs})
+    return (charts.loss_figure(metrics, uirevision="compare-loss"),
+            charts.memory_figure(None, runs=samples, uirevision="compare-memory"),
+            gr.update(value=rows, headers=headers))
+
+
+def _config_or_none(run_dir: Path) -> RunConfig | None:
+    try:
+        return rundir.load_config(run_dir)
+    except LoraLabError:
+        return None
 
 
 # ----------------------------------------------------------------------------- layout
 def build(ctx: AppContext) -> None:
     monitor = Monitor(ctx)
-    helps = field_help()
     initial = load_preset(DEFAULT_PRESET)
-    run_names = lambda: [WATCH_LATEST] + [s.name for s in rundir.list_runs(ctx.runs_dir)]
 
     with gr.Row():
         with gr.Column(scale=2, min_width=380):
@@ -292,18 +366,14 @@ def build(ctx: AppContext) -> None:
                 start = gr.Button("Start", variant="primary", elem_id="loralab-start")
             form_errors = gr.Markdown(elem_id="loralab-form-errors")
             components = {}
-            initial_values = dict(zip(FIELD_NAMES, config_to_values(initial)))
-            with gr.Accordion("Model and data", open=True):
-                for name, factory in FORM_FIELDS[:6]:
-                    components[name] = factory(helps.get(name, ""), initial_values[name])
-                upload = gr.File(label=f"Upload a dataset (JSONL, JSON, CSV, Parquet; up to {ctx.max_upload_mb} MB)",
-                                 file_types=[".jsonl", ".json", ".csv", ".parquet"], type="filepath")
-            with gr.Accordion("LoRA", open=True):
-                for name, factory in FORM_FIELDS[6:10]:
-                    components[name] = factory(helps.get(name, ""), initial_values[name])
-            with gr.Accordion("Training", open=False):
-                for name, factory in FORM_FIELDS[10:]:
-                    components[name] = factory(helps.get(name, ""), initial_values[name])
+            for group, names in FORM_GROUPS.items():
+                with gr.Accordion(group, open=group != "Training"):
+                    for name in names:
+                        components[name] = component_for(name, initial.get(name))
+                    if group == "Model and data":
+                        upload = gr.File(label=f"Upload a dataset (JSONL, JSON, CSV, Parquet; up to "
+                                               f"{ctx.max_upload_mb} MB)",
+                                         file_types=[".jsonl", ".json", ".csv", ".parquet"], type="filepath")
             form = [components[name] for name in FIELD_NAMES]
             with gr.Accordion("Command and resolved YAML", open=False) as command_box:
                 command = gr.Code(language="shell", label="Headless equivalent", interactive=False)
@@ -311,7 +381,8 @@ def build(ctx: AppContext) -> None:
 
         with gr.Column(scale=3):
             with gr.Row():
-                watched = gr.Dropdown(run_names(), value=WATCH_LATEST, label="Run", scale=4, allow_custom_value=True)
+                watched = gr.Dropdown(run_names(ctx), value=WATCH_LATEST, label="Run", scale=4,
+                                      allow_custom_value=True)
                 stop = gr.Button("Stop", scale=1, elem_id="loralab-stop")
                 resume = gr.Button("Resume", scale=1)
             status = gr.HTML(status_html(resolve_watched(ctx, WATCH_LATEST), ctx), elem_id="loralab-status-box")
@@ -320,7 +391,8 @@ def build(ctx: AppContext) -> None:
                 loss_plot = gr.Plot(charts.empty_figure("No metrics yet", "loss"), label="Loss", elem_id="loralab-loss")
                 memory_plot = gr.Plot(charts.empty_figure("No memory samples yet", "memory"), label="Memory")
             with gr.Row():
-                lr_plot = gr.Plot(charts.empty_figure("No metrics yet", "lr-gradnorm"), label="Learning rate and gradient norm")
+                lr_plot = gr.Plot(charts.empty_figure("No metrics yet", "lr-gradnorm"),
+                                  label="Learning rate and gradient norm")
                 speed_plot = gr.Plot(charts.empty_figure("No metrics yet", "throughput"), label="Tokens per second")
             with gr.Accordion("Log (tail)", open=False):
                 log_box = gr.Code(language=None, label="train.log", interactive=False)
@@ -329,149 +401,32 @@ def build(ctx: AppContext) -> None:
         table = gr.Dataframe(headers=RUN_COLUMNS, value=runs_table(ctx), interactive=False, wrap=True,
                              elem_id="loralab-runs-table")
         with gr.Row():
-            compare_pick = gr.Dropdown(run_names()[1:], multiselect=True, label="Compare runs", scale=4)
+            compare_pick = gr.Dropdown(run_names(ctx)[1:], multiselect=True, label="Compare runs", scale=4)
             refresh_runs = gr.Button("Refresh", scale=1)
         with gr.Row():
             compare_loss = gr.Plot(label="Loss, overlaid")
             compare_memory = gr.Plot(label="Memory, overlaid")
         compare_configs = gr.Dataframe(label="Configs side by side (≠ marks fields that differ)", interactive=False)
 
-    # ------------------------------------------------------------------ handlers
-    def on_preset(name):
-        try:
-            config = load_preset(name)
-        except LoraLabError as error:
-            return [gr.update()] * (len(form) + 1) + [f"**Preset not loaded:** {error}"]
-        return config_to_values(config) + [config.method, ""]
-
+    # ------------------------------------------------------------------ wiring
     preset.change(on_preset, [preset], form + [method, form_errors], api_name="load_preset")
-
-    def on_upload(path):
-        if not path:
-            return gr.update()
-        source = Path(path)
-        if source.stat().st_size > ctx.max_upload_mb * 2**20:
-            return gr.update()
-        uploads = ctx.uploads_dir or (ctx.runs_dir / ".uploads")
-        uploads.mkdir(parents=True, exist_ok=True)
-        target = uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
-        shutil.copyfile(source, target)
-        return str(target)
-
-    upload.upload(on_upload, [upload], [components["data.path"]])
-
-    def on_show_command(preset_name, method_name, *values):
-        config, errors = validate_form(preset_name, method_name, *values)
-        if config is None or errors:
-            return field_updates(errors) + [errors_markdown(errors), gr.update(), gr.update(), gr.update()]
-        return field_updates([]) + ["", command_line(preset_name, config), config.to_yaml(), gr.update(open=True)]
-
+    upload.upload(partial(on_upload, ctx), [upload], [components["data.path"]])
     show_command.click(on_show_command, [preset, method] + form,
                        form + [form_errors, command, resolved_yaml, command_box], api_name="show_command")
-
-    def on_start(preset_name, method_name, *values):
-        config, errors = validate_form(preset_name, method_name, *values)
-        if config is None or errors:
-            return field_updates(errors) + [errors_markdown(errors), gr.update(), gr.update()]
-        try:
-            run_dir = ctx.jobs.submit(config)
-        except LoraLabError as error:
-            return field_updates([error]) + [errors_markdown([error]), gr.update(), gr.update()]
-        queued = ctx.jobs.active_name() != run_dir.name
-        note = f"Queued **{run_dir.name}** behind the running job." if queued else f"Started **{run_dir.name}**."
-        return field_updates([]) + [note, gr.update(choices=run_names(), value=run_dir.name), runs_table(ctx)]
-
-    start.click(on_start, [preset, method] + form, form + [form_errors, watched, table], api_name="start")
-
-    def on_stop(choice):
-        run_dir = resolve_watched(ctx, choice)
-        if run_dir is None:
-            return "No run to stop."
-        try:
-            outcome = ctx.jobs.stop(run_dir.name)
-        except LoraLabError as error:
-            return str(error)
-        return {"requested": f"Stopping **{run_dir.name}**: it finishes the current step, saves, then exits. "
-                             "Press Stop again to kill it now.",
-                "killed": f"**{run_dir.name}** was killed.",
-                "dequeued": f"**{run_dir.name}** was removed from the queue."}[outcome]
-
-    stop.click(on_stop, [watched], [action_note], api_name="stop")
-
-    def on_resume(choice):
-        run_dir = resolve_watched(ctx, choice)
-        if run_dir is None:
-            return "No run to resume."
-        try:
-            ctx.jobs.resume(run_dir.name)
-        except LoraLabError as error:
-            return str(error)
-        return f"Resuming **{run_dir.name}** from its last checkpoint."
-
-    resume.click(on_resume, [watched], [action_note], api_name="resume")
-
-    def on_tick(choice, last_key):
-        """Status every tick; charts only when the run or its files changed (bounded payloads)."""
-        run_dir = resolve_watched(ctx, choice)
-        if run_dir is None:
-            samples = ctx.sampler.recent(300) if ctx.sampler else []
-            return (status_html(None, ctx), gr.skip(), charts.memory_figure(samples), gr.skip(), gr.skip(),
-                    gr.skip(), last_key)
-        watcher = monitor.watcher(run_dir)
-        key = f"{run_dir.name}:{len(watcher.metrics)}:{len(watcher.gpu_samples)}"
-        status_text = status_html(run_dir, ctx, watcher.metrics)
-        active = rundir.read_status(run_dir).get("state") in rundir.ACTIVE_STATES
-        # A finished run without samples of its own shows the live device memory instead.
-        live = not watcher.gpu_samples and not active and ctx.sampler is not None
-        samples = ctx.sampler.recent(300) if live else watcher.gpu_samples
-        if key == last_key:
-            memory = charts.memory_figure(samples, uirevision=f"memory-{run_dir.name}") if live else gr.skip()
-            return status_text, gr.skip(), memory, gr.skip(), gr.skip(), gr.skip(), key
-        revision = run_dir.name
-        return (
-            status_text,
-            charts.loss_figure(watcher.metrics, uirevision=f"loss-{revision}"),
-            charts.memory_figure(samples, predicted_peak_bytes=monitor.predicted_peak(run_dir),
-                                 uirevision=f"memory-{revision}"),
-            charts.lr_gradnorm_figure(watcher.metrics, uirevision=f"lr-{revision}"),
-            charts.throughput_figure(watcher.metrics, uirevision=f"speed-{revision}"),
-            rundir.log_tail(run_dir, 60),
-            key,
-        )
+    start.click(partial(on_start, ctx), [preset, method] + form, form + [form_errors, watched, table],
+                api_name="start")
+    stop.click(partial(on_stop, ctx), [watched], [action_note], api_name="stop")
+    resume.click(partial(on_resume, ctx), [watched], [action_note], api_name="resume")
 
     last_key = gr.State("")
+    tick_outputs = [status, loss_plot, memory_plot, lr_plot, speed_plot, log_box, last_key]
     timer = gr.Timer(0.5)  # p95 metric-to-chart latency must stay under 1 s (bench/ui_latency.py)
-    timer.tick(on_tick, [watched, last_key], [status, loss_plot, memory_plot, lr_plot, speed_plot, log_box, last_key],
-               show_progress="hidden", api_name="tick", queue=False)
-    watched.change(lambda c: on_tick(c, ""), [watched], [status, loss_plot, memory_plot, lr_plot, speed_plot,
-                                                         log_box, last_key], api_name="watch")
-
-    def on_refresh_runs():
-        names = run_names()
-        return runs_table(ctx), gr.update(choices=names), gr.update(choices=names[1:])
-
-    refresh_runs.click(on_refresh_runs, None, [table, watched, compare_pick], api_name="refresh_runs")
+    timer.tick(partial(on_tick, ctx, monitor), [watched, last_key], tick_outputs, show_progress="hidden",
+               api_name="tick", queue=False)
+    watched.change(partial(on_tick, ctx, monitor), [watched, gr.State("")], tick_outputs, api_name="watch")
+    refresh_runs.click(partial(on_refresh_runs, ctx), None, [table, watched, compare_pick], api_name="refresh_runs")
     slow_timer = gr.Timer(5.0)
-    slow_timer.tick(lambda: runs_table(ctx), None, [table], show_progress="hidden", queue=False)
-
-    def on_compare(names):
-        run_dirs = []
-        for name in names or []:
-            try:
-                run_dirs.append(rundir.resolve_run(ctx.runs_dir, name))
-            except LoraLabError:
-                continue
-        if not run_dirs:
-            return charts.empty_figure("Pick runs to compare", "compare-loss"), \
-                charts.empty_figure("Pick runs to compare", "compare-memory"), None
-        metrics = {d.name: rundir.read_metrics(d) for d in run_dirs}
-        samples = {d.name: rundir.read_gpu_samples(d) for d in run_dirs}
-        headers, rows = config_diff(run_dirs)
-        return (charts.loss_figure(metrics, uirevision="compare-loss"),
-                charts.memory_figure(None, runs=samples, uirevision="compare-memory"),
-                gr.update(value=rows, headers=headers))
-
-    compare_pick.change(on_compare, [compare_pick], [compare_loss, compare_memory, compare_configs],
+    slow_timer.tick(partial(runs_table, ctx), None, [table], show_progress="hidden", queue=False)
+    compare_pick.change(partial(on_compare, ctx), [compare_pick], [compare_loss, compare_memory, compare_configs],
                         api_name="compare")
-
     ctx.train_form = [preset, method] + form

@@ -190,66 +190,47 @@ class ChatModels:
         return self._adapters[str(self.active.path)]["tokenizer"] if self.active else None
 
     def _plan(self, source: AdapterSource) -> dict:
-        """Device, dtype and quantization for this base, matching how the run was trained where possible."""
-        import torch
+        """Device, dtype and quantization for this base, as the run was trained where possible."""
+        import importlib.util
 
-        cuda = torch.cuda.is_available() if self._device is None else self._device.startswith("cuda")
-        device = self._device or ("cuda" if cuda else "cpu")
-        bf16 = cuda and torch.cuda.is_bf16_supported()
-        quant = source.quant_settings
+        from engine.config.build import decide_runtime, model_load_kwargs
+
+        config = _source_config(source)
+        quant = config.quant
         notes = []
-        plan = {"device": device, "quantization_config": None}
-        if quant.get("load_in_4bit") or quant.get("load_in_8bit"):
-            import importlib.util
-
-            if importlib.util.find_spec("bitsandbytes") is None:
-                notes.append("This run was trained on a quantized base, but bitsandbytes is not installed: the base "
-                             "is loaded unquantized, so answers may differ slightly from the trained model's.")
-                quant = {}
-        if quant.get("load_in_4bit") or quant.get("load_in_8bit"):
-            from transformers import BitsAndBytesConfig
-
-            compute = quant.get("bnb_4bit_compute_dtype", "bfloat16")
-            if not cuda:
-                compute = "float32"  # as the worker does: half-precision 4-bit compute is slow on the CPU
-            elif compute == "bfloat16" and not bf16:
-                compute = "float16"
-            compute_dtype = getattr(torch, compute)
-            plan["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=bool(quant.get("load_in_4bit")), load_in_8bit=bool(quant.get("load_in_8bit")),
-                bnb_4bit_quant_type=quant.get("bnb_4bit_quant_type", "nf4"),
-                bnb_4bit_use_double_quant=bool(quant.get("bnb_4bit_use_double_quant", True)),
-                bnb_4bit_compute_dtype=compute_dtype)
-            plan["dtype"] = compute_dtype
-            if quant.get("load_in_4bit"):
-                double = ", double quantization" if quant.get("bnb_4bit_use_double_quant", True) else ""
-                plan["precision"] = (f"4-bit {quant.get('bnb_4bit_quant_type', 'nf4').upper()} (bitsandbytes{double}), "
-                                     f"computing in {compute}, as it was trained")
-            else:
-                plan["precision"] = f"8-bit (bitsandbytes), computing in {compute}, as it was trained"
+        if (quant.load_in_4bit or quant.load_in_8bit) and importlib.util.find_spec("bitsandbytes") is None:
+            notes.append("This run was trained on a quantized base, but bitsandbytes is not installed: the base "
+                         "is loaded unquantized, so answers may differ slightly from the trained model's.")
+            quant.load_in_4bit = quant.load_in_8bit = False
+        runtime = decide_runtime(config, device=self._device)
+        device = self._device or runtime.device
+        kwargs = model_load_kwargs(config, runtime, training=False)
+        kwargs.pop("attn_implementation", None)  # generation keeps the model's own default kernel
+        if quant.load_in_4bit:
+            double = ", double quantization" if quant.bnb_4bit_use_double_quant else ""
+            precision = (f"4-bit {quant.bnb_4bit_quant_type.upper()} (bitsandbytes{double}), "
+                         f"computing in {runtime.compute_dtype}, as it was trained")
+        elif quant.load_in_8bit:
+            precision = f"8-bit (bitsandbytes), computing in {runtime.compute_dtype}, as it was trained"
         else:
-            dtype = torch.bfloat16 if bf16 else torch.float16 if cuda else torch.float32
-            plan["dtype"] = dtype
-            plan["precision"] = str(dtype).replace("torch.", "")
-        plan["notes"] = notes
-        return plan
+            precision = str(kwargs["dtype"]).replace("torch.", "")
+        return {"device": device, "kwargs": kwargs, "quantized": "quantization_config" in kwargs,
+                "precision": precision, "notes": notes}
 
     def _load_base(self, source: AdapterSource, base_path: str, plan: dict):
         from transformers import AutoModelForCausalLM
 
         self.unload()
-        kwargs = dict(dtype=plan["dtype"], revision=source.revision, trust_remote_code=source.trust_remote_code)
-        if plan["quantization_config"] is not None:
-            kwargs["quantization_config"] = plan["quantization_config"]
-            if plan["device"].startswith("cuda"):
-                kwargs["device_map"] = {"": plan["device"]}
+        kwargs = dict(plan["kwargs"])
+        if plan["quantized"] and plan["device"].startswith("cuda"):
+            kwargs["device_map"] = {"": plan["device"]}
         started = time.time()
         try:
             model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
         except OSError as error:
             raise ModelNotFoundError(f"The base model '{source.base_model}' could not be loaded from {base_path}: "
                                      f"{str(error).splitlines()[0]}") from None
-        if plan["quantization_config"] is None:
+        if not plan["quantized"]:
             model.to(plan["device"])
         model.eval()
         self.base_loads += 1
@@ -504,6 +485,19 @@ class ChatModels:
                 return  # a half-finished pair would be an unfair comparison
             yield Comparison(prompt=item.text, base=answers[BASE], finetuned=answers[FINETUNED],
                              reference=item.reference, messages=messages)
+
+
+def _source_config(source: AdapterSource):
+    """The base's loading settings as a RunConfig, so chat loads it through engine.config.build like training."""
+    from engine.config import RunConfig
+
+    config = RunConfig()
+    config.model.name_or_path = source.base_model
+    config.model.revision = source.revision
+    config.model.trust_remote_code = source.trust_remote_code
+    if source.quant:
+        config.set("quant", dict(source.quant))
+    return config
 
 
 def with_system_prompt(messages: list[dict], system_prompt: str | None) -> list[dict]:

@@ -1,103 +1,258 @@
-"""One run configuration: dataclasses that round-trip through YAML and ``--set`` overrides.
+"""One run configuration: typed sections that round-trip through YAML and ``--set`` overrides.
 
 Field names follow the libraries a practitioner already knows: ``lora.*`` are PEFT's
-``LoraConfig`` arguments, ``quant.*`` are transformers' ``BitsAndBytesConfig`` arguments,
-``train.*`` are TRL's ``SFTConfig`` arguments. Each field carries its help text, so the
-UI, the CLI and the YAML all describe the same thing in one place (TRL's style).
+``LoraConfig`` arguments (plus TRL's ``use_peft``), ``quant.*`` are transformers'
+``BitsAndBytesConfig`` arguments, ``train.*`` are TRL's ``SFTConfig`` arguments. Each field
+carries, in its metadata, its help text, its label, its type and its allowed values or
+range; validation, the Train form, the CLI's help and the error sentences all read that one
+place (TRL's style: the option is documented where it is defined).
+
+Why dataclasses and not pydantic: the form needs *every* problem at once, each as our own
+sentence naming field, value and allowed range, and the YAML must stay a plain mapping.
+Dataclass metadata gives that with no extra layer between the field and its rule; the few
+rules that span fields live in ``RunConfig._cross_field_errors``. ``errors()`` is called
+explicitly (not from ``__post_init__``) because a config is built field by field from YAML,
+``--set`` and the form, and is only complete at the end.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
+from engine.config.choices import optimizer_names, scheduler_names
+from engine.data.formats import FORMATS
 from engine.errors import ConfigError
+from engine.names import valid_name
 
-METHODS = ("lora", "qlora", "dora", "rslora")
-SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup")
-OPTIMIZERS = (
-    "adamw_torch", "adamw_torch_fused", "paged_adamw_32bit", "paged_adamw_8bit", "adamw_8bit", "adamw_bnb_8bit", "sgd",
-)
+METHODS = ("lora", "qlora", "lora8bit", "dora", "rslora", "full")
+ATTENTION = ("sdpa", "eager", "flash_attention_2")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+DATA_FORMATS = ("auto", *FORMATS)
+ALL_LINEAR = "all-linear"
 
 
-def _field(default, help_text: str, **kwargs):
+# ----------------------------------------------------------------------------- field specs
+@dataclass(frozen=True)
+class FieldSpec:
+    """What a field accepts, read from its metadata: the one source for validation and forms.
+
+    ``kind``: bool, int, float, number (an int or a ratio), str, modules (a list of names or
+    'all-linear') or mapping. ``rule`` is the sentence shown when a value is below range or
+    of the wrong type ("rank must be a positive integer"); values above ``le`` get their own
+    sentence naming the limit.
+    """
+
+    path: str
+    kind: str
+    default: Any
+    help: str
+    label: str
+    rule: str = ""
+    optional: bool = False
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    also: tuple = ()  # values allowed outside the range, e.g. max_steps = -1
+    choices_from: Callable[[], tuple] | tuple | None = None
+
+    @property
+    def choices(self) -> tuple | None:
+        source = self.choices_from
+        return source() if callable(source) else source
+
+    @property
+    def name(self) -> str:
+        return self.path.split(".")[-1]
+
+    def coerce(self, value: Any) -> Any:
+        """Accept what YAML, ``--set`` and forms give; anything still wrong is left for ``problem``."""
+        if isinstance(value, str):
+            value = value.strip()
+            if value == "" and self.optional:
+                return None
+        if self.kind == "bool" and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        if self.kind in ("int", "float", "number") and isinstance(value, str):
+            try:  # YAML reads "1e-4" (no dot) as a string
+                value = float(value)
+            except ValueError:
+                return value
+        if self.kind in ("int", "number") and isinstance(value, float) and value.is_integer() and math.isfinite(value):
+            if self.kind == "int" or value >= 1:  # a number of 1 or more is a count of steps, below 1 a ratio
+                return int(value)
+        if self.kind == "float" and _is_int(value):
+            return float(value)
+        if self.kind == "modules" and isinstance(value, str) and value != ALL_LINEAR:
+            return [part.strip() for part in value.split(",") if part.strip()]
+        if self.kind == "modules" and isinstance(value, (list, tuple)):
+            return list(value)
+        return value
+
+    def problem(self, value: Any) -> str | None:
+        """The sentence for a bad value (without the field name), or None."""
+        got = f", got {value!r}."
+        if value is None:
+            return None if self.optional else f"{self.rule or 'is required'}{got}"
+        if value in self.also and not isinstance(value, bool):
+            return None
+        if self.kind == "bool":
+            return None if isinstance(value, bool) else f"must be true or false{got}"
+        if self.kind == "str":
+            if not isinstance(value, str) or (not self.optional and not value.strip()):
+                return f"{self.rule or 'must be text'}{got}"
+        if self.kind == "mapping":
+            return None if isinstance(value, dict) else f"must be a mapping of names to values{got}"
+        if self.kind == "modules":
+            ok = value == ALL_LINEAR or (isinstance(value, list) and value and all(isinstance(t, str) and t for t in value))
+            return None if ok else f"must be 'all-linear' or a non-empty list of module names{got}"
+        if self.kind in ("int", "float", "number"):
+            numeric = _is_int(value) if self.kind == "int" else _is_num(value)
+            if not numeric or not math.isfinite(value) or (self.ge is not None and value < self.ge) \
+                    or (self.gt is not None and value <= self.gt):
+                return f"{self.rule}{got}"
+            if self.kind == "number" and isinstance(value, float) and value >= 1:
+                return f"{self.rule}{got}"  # neither a whole number of steps nor a ratio below 1
+            if (self.le is not None and value > self.le) or (self.lt is not None and value >= self.lt):
+                if self.lt is not None and self.le is None:
+                    return f"{self.rule}{got}"
+                return f"must be at most {int(self.le) if float(self.le).is_integer() else self.le}{got}"
+        choices = self.choices
+        if choices is not None and value not in choices:
+            listed = ", ".join(map(str, choices[:10])) + (f" … ({len(choices)} in all)" if len(choices) > 10 else "")
+            return f"must be one of {listed}, got {value!r}{suggest(str(value), [str(c) for c in choices])}."
+
+        return None
+
+
+def spec(default, help_text: str, label: str = "", *, kind: str | None = None, **rules):
+    """A dataclass field whose metadata is its ``FieldSpec`` (path filled in by ``field_specs``)."""
+    if kind is None:
+        kind = {bool: "bool", int: "int", float: "float", str: "str", dict: "mapping", list: "modules"}.get(
+            type(default), "str")
+    meta = {"help": help_text, "label": label, "kind": kind, **rules}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help_text}, **kwargs)
-    return field(default=default, metadata={"help": help_text}, **kwargs)
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
+# ----------------------------------------------------------------------------- sections
 @dataclass
 class ModelSection:
-    name_or_path: str = _field("demo", "Base model: 'demo' (the offline tiny model), a local folder, or a hub id.")
-    revision: str | None = _field(None, "Hub revision (branch, tag or commit) of the base model.")
-    trust_remote_code: bool = _field(False, "Run code shipped with the model repository. Off unless you trust it.")
-    attn_implementation: str = _field("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.")
+    name_or_path: str = spec("demo", "Base model: 'demo' (the offline tiny model), a local folder, or a hub id.",
+                             "Base model", rule="must name a base model ('demo', a local folder or a hub id)")
+    revision: str | None = spec(None, "Hub revision (branch, tag or commit) of the base model.", "Revision",
+                                kind="str", optional=True)
+    trust_remote_code: bool = spec(False, "Run code shipped with the model repository. Off unless you trust it.",
+                                   "Trust remote code")
+    attn_implementation: str = spec("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.", "Attention",
+                                    choices_from=ATTENTION)
 
 
 @dataclass
 class DataSection:
-    path: str = _field("demo", "Training data: 'demo', a JSONL/JSON/CSV/Parquet file, or a hub dataset id.")
-    format: str = _field("auto", "auto, messages, sharegpt, alpaca, prompt_completion or text.")
-    eval_path: str | None = _field(None, "A separate held-out file; when empty, eval_fraction of the data is held out.")
-    eval_fraction: float = _field(0.1, "Share of rows held out for evaluation when eval_path is empty (0 disables eval).")
-    skip_bad_rows: bool = _field(False, "Skip malformed rows (counted in lineage.json) instead of failing.")
+    path: str = spec("demo", "Training data: 'demo', a JSONL/JSON/CSV/Parquet file, or a hub dataset id.", "Dataset",
+                     rule="must name a dataset ('demo', a file or a hub id)")
+    format: str = spec("auto", f"{', '.join(DATA_FORMATS)}.", "Dataset format", choices_from=DATA_FORMATS)
+    eval_path: str | None = spec(None, "A separate held-out file; when empty, eval_fraction of the data is held out.",
+                                 "Eval file (optional)", kind="str", optional=True)
+    eval_fraction: float = spec(0.1, "Share of rows held out for evaluation when eval_path is empty (0 disables eval).",
+                                "Eval fraction", rule="must satisfy 0 <= fraction < 1", ge=0, lt=1)
+    skip_bad_rows: bool = spec(False, "Skip malformed rows (counted in lineage.json) instead of failing.",
+                               "Skip bad rows")
 
 
 @dataclass
 class LoraSection:
-    r: int = _field(16, "LoRA rank: the width of the low-rank update.")
-    lora_alpha: float = _field(32, "Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).")
-    lora_dropout: float = _field(0.05, "Dropout on the LoRA input, 0 <= p < 1.")
-    target_modules: Any = _field("all-linear", "Module names to adapt (list), or 'all-linear'.")
-    use_dora: bool = _field(False, "DoRA: learn a magnitude vector beside the low-rank direction.")
-    use_rslora: bool = _field(False, "rsLoRA: scale by alpha/sqrt(r), stable at high rank.")
-    bias: str = _field("none", "Which biases to train: none, all or lora_only.")
+    use_peft: bool = spec(True, "Train LoRA adapters (TRL's use_peft); false fine-tunes every weight (full).",
+                          "Use PEFT (LoRA)")
+    r: int = spec(16, "LoRA rank: the width of the low-rank update.", "Rank r",
+                  rule="rank must be a positive integer", ge=1, le=4096)
+    lora_alpha: float = spec(32.0, "Scaling numerator: the update is scaled by alpha/r (alpha/sqrt(r) with rsLoRA).",
+                             "Alpha", rule="must be a number > 0", gt=0, le=1e6)
+    lora_dropout: float = spec(0.05, "Dropout on the LoRA input, 0 <= p < 1.", "Dropout",
+                               rule="must satisfy 0 <= dropout < 1", ge=0, lt=1)
+    target_modules: Any = spec(ALL_LINEAR, "Module names to adapt (comma-separated), or 'all-linear'.",
+                               "Target modules", kind="modules")
+    use_dora: bool = spec(False, "DoRA: learn a magnitude vector beside the low-rank direction.", "DoRA")
+    use_rslora: bool = spec(False, "rsLoRA: scale by alpha/sqrt(r), stable at high rank.", "rsLoRA")
+    bias: str = spec("none", "Which biases to train: none, all or lora_only.", "Bias",
+                     choices_from=("none", "all", "lora_only"))
 
 
 @dataclass
 class QuantSection:
-    load_in_4bit: bool = _field(False, "Load the frozen base in 4 bit with bitsandbytes (QLoRA).")
-    load_in_8bit: bool = _field(False, "Load the frozen base in 8 bit with bitsandbytes.")
-    bnb_4bit_quant_type: str = _field("nf4", "4-bit data type: nf4 (QLoRA paper) or fp4.")
-    bnb_4bit_use_double_quant: bool = _field(True, "Quantize the quantization constants too (saves ~0.37 bit/param).")
-    bnb_4bit_compute_dtype: str = _field("bfloat16", "Dtype of matmuls over dequantized weights.")
+    load_in_4bit: bool = spec(False, "Load the frozen base in 4 bit with bitsandbytes (QLoRA).", "4-bit base")
+    load_in_8bit: bool = spec(False, "Load the frozen base in 8 bit with bitsandbytes.", "8-bit base")
+    bnb_4bit_quant_type: str = spec("nf4", "4-bit data type: nf4 (QLoRA paper) or fp4.", "4-bit type",
+                                    choices_from=("nf4", "fp4"))
+    bnb_4bit_use_double_quant: bool = spec(True, "Quantize the quantization constants too (saves ~0.37 bit/param).",
+                                           "Double quantization")
+    bnb_4bit_compute_dtype: str = spec("bfloat16", "Dtype of matmuls over dequantized weights.", "4-bit compute dtype",
+                                       choices_from=COMPUTE_DTYPES)
 
 
 @dataclass
 class TrainSection:
-    num_train_epochs: float = _field(1.0, "Epochs over the training rows (ignored when max_steps > 0).")
-    max_steps: int = _field(-1, "Total optimizer steps; -1 means use num_train_epochs.")
-    per_device_train_batch_size: int = _field(4, "Rows per forward pass.")
-    per_device_eval_batch_size: int = _field(8, "Rows per evaluation forward pass.")
-    gradient_accumulation_steps: int = _field(1, "Forward passes per optimizer step.")
-    learning_rate: float = _field(2e-4, "Peak learning rate.")
-    lr_scheduler_type: str = _field("cosine", "Learning rate schedule after warm-up.")
-    warmup_steps: float = _field(0.03, "Warm-up: an integer number of steps, or a float in [0, 1) as a ratio.")
-    weight_decay: float = _field(0.0, "AdamW weight decay.")
-    max_grad_norm: float = _field(0.3, "Gradient clipping norm.")
-    optim: str = _field("paged_adamw_32bit", "Optimizer; paged ones fall back to adamw_torch without CUDA.")
-    max_length: int = _field(1024, "Tokens per row after the chat template; longer rows are truncated.")
-    packing: bool = _field(False, "Pack several short rows into one sequence of max_length.")
-    assistant_only_loss: bool = _field(True, "Completion-only loss: train on assistant turns, mask the prompt.")
-    gradient_checkpointing: bool = _field(True, "Recompute activations in backward to save memory.")
-    bf16: bool = _field(True, "bf16 mixed precision (falls back to float32 without a GPU that supports it).")
-    logging_steps: int = _field(5, "Write a metrics line every N optimizer steps.")
-    eval_steps: int = _field(50, "Evaluate on the held-out rows every N steps (and at the end).")
-    save_steps: int = _field(100, "Save a resumable checkpoint every N steps (and when stopped).")
-    save_total_limit: int = _field(2, "Keep at most this many checkpoints.")
-    seed: int = _field(42, "Random seed for data order, LoRA init and dropout.")
+    num_train_epochs: float = spec(1.0, "Epochs over the training rows (ignored when max_steps > 0).", "Epochs",
+                                   rule="must be > 0", gt=0, le=10_000)
+    max_steps: int = spec(-1, "Total optimizer steps; -1 means use num_train_epochs.", "Max steps",
+                          rule="must be -1 (use epochs) or a positive integer", ge=1, le=10**9, also=(-1,))
+    per_device_train_batch_size: int = spec(4, "Rows per forward pass.", "Batch size",
+                                            rule="must be a positive integer", ge=1, le=65_536)
+    per_device_eval_batch_size: int = spec(8, "Rows per evaluation forward pass.", "Eval batch size",
+                                           rule="must be a positive integer", ge=1, le=65_536)
+    gradient_accumulation_steps: int = spec(1, "Forward passes per optimizer step.", "Gradient accumulation",
+                                            rule="must be a positive integer", ge=1, le=65_536)
+    learning_rate: float = spec(2e-4, "Peak learning rate.", "Learning rate",
+                                rule="must be > 0 and below 1 (typical LoRA values are 1e-5 to 1e-3)", gt=0, lt=1)
+    lr_scheduler_type: str = spec("cosine", "Learning rate schedule after warm-up (transformers' SchedulerType).",
+                                  "Schedule", choices_from=scheduler_names)
+    lr_scheduler_kwargs: dict = spec({}, "Extra schedule arguments, e.g. {min_lr_rate: 0.1} for cosine_with_min_lr.",
+                                     "Schedule arguments")
+    warmup_steps: float = spec(0.03, "Warm-up: an integer number of steps, or a float in [0, 1) as a ratio.",
+                               "Warm-up", kind="number", rule="must be an integer >= 0 or a ratio in [0, 1)",
+                               ge=0, le=10**9)
+    weight_decay: float = spec(0.0, "AdamW weight decay.", "Weight decay", rule="must be >= 0", ge=0, le=100)
+    max_grad_norm: float = spec(0.3, "Gradient clipping norm.", "Max grad norm", rule="must be > 0", gt=0, le=1e6)
+    optim: str = spec("paged_adamw_32bit", "Optimizer (transformers' OptimizerNames); paged and 8-bit ones fall back "
+                      "to adamw_torch without CUDA.", "Optimizer", choices_from=optimizer_names)
+    max_length: int = spec(1024, "Tokens per row after the chat template; longer rows are truncated.",
+                           "Max length (tokens)", rule="must be an integer from 8 to 1048576", ge=8, le=1_048_576)
+    packing: bool = spec(False, "Pack several short rows into one sequence of max_length.", "Packing")
+    assistant_only_loss: bool = spec(True, "Completion-only loss: train on assistant turns, mask the prompt.",
+                                     "Assistant-only loss")
+    gradient_checkpointing: bool = spec(True, "Recompute activations in backward to save memory.",
+                                        "Gradient checkpointing")
+    bf16: bool = spec(True, "bf16 mixed precision (falls back to float32 without a GPU that supports it).", "bf16")
+    logging_steps: int = spec(5, "Write a metrics line every N optimizer steps.", "Log every N steps",
+                              rule="must be a positive integer", ge=1, le=10**9)
+    eval_steps: int = spec(50, "Evaluate on the held-out rows every N steps (and at the end).", "Eval every N steps",
+                           rule="must be a positive integer", ge=1, le=10**9)
+    save_steps: int = spec(100, "Save a resumable checkpoint every N steps (and when stopped).", "Save every N steps",
+                           rule="must be a positive integer", ge=1, le=10**9)
+    save_total_limit: int = spec(2, "Keep at most this many checkpoints.", "Checkpoints kept",
+                                 rule="must be a positive integer", ge=1, le=10_000)
+    seed: int = spec(42, "Random seed for data order, LoRA init and dropout.", "Seed",
+                     rule="must be an integer >= 0", ge=0, le=2**32 - 1)
+
+
+SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraSection, "quant": QuantSection,
+            "train": TrainSection}
 
 
 @dataclass
 class RunConfig:
-    name: str | None = _field(None, "Run name; a timestamped one is made when empty.")
-    description: str = _field("", "Free text shown in the runs table.")
+    name: str | None = spec(None, "Run name; a timestamped one is made when empty.", "Run name", kind="str",
+                            optional=True)
+    description: str = spec("", "Free text shown in the runs table.", "Description", optional=True)
     model: ModelSection = field(default_factory=ModelSection)
     data: DataSection = field(default_factory=DataSection)
     lora: LoraSection = field(default_factory=LoraSection)
@@ -107,9 +262,13 @@ class RunConfig:
     # ------------------------------------------------------------------ derived
     @property
     def method(self) -> str:
-        """The method name shown to people, derived from the fields (never stored twice)."""
+        """The method name shown everywhere (runs table, memory, lineage): derived here only."""
+        if not self.lora.use_peft:
+            return "full"
         if self.quant.load_in_4bit:
             return "qlora"
+        if self.quant.load_in_8bit:
+            return "lora8bit"
         if self.lora.use_dora:
             return "dora"
         if self.lora.use_rslora:
@@ -119,16 +278,30 @@ class RunConfig:
     def set_method(self, method: str) -> None:
         """Switch method by setting the fields that define it."""
         if method not in METHODS:
-            raise ConfigError("method", f"'{method}' is not one of {', '.join(METHODS)}.")
+            raise ConfigError("method", f"'{method}' is not one of {', '.join(METHODS)}{suggest(str(method), METHODS)}.")
+        self.lora.use_peft = method != "full"
         self.quant.load_in_4bit = method == "qlora"
-        if method == "qlora":
-            self.quant.load_in_8bit = False
+        self.quant.load_in_8bit = method == "lora8bit"
         self.lora.use_dora = method == "dora"
         self.lora.use_rslora = method == "rslora"
 
     # ------------------------------------------------------------------ (de)serialisation
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def flat(self) -> dict[str, Any]:
+        """``section.field`` -> value, for diffs and tables."""
+        flat: dict[str, Any] = {}
+        for key, value in self.to_dict().items():
+            if isinstance(value, dict) and key in SECTIONS:
+                flat.update({f"{key}.{name}": item for name, item in value.items()})
+            else:
+                flat[key] = value
+        return flat
+
+    def get(self, dotted: str) -> Any:
+        section, _, name = dotted.partition(".")
+        return getattr(getattr(self, section), name) if name else getattr(self, section)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False, default_flow_style=False)
@@ -137,14 +310,16 @@ class RunConfig:
         Path(path).write_text(self.to_yaml(), encoding="utf-8")
 
     @classmethod
-    def from_dict(cls, data: dict | None, source: str = "config") -> "RunConfig":
+    def from_dict(cls, data: dict | None, source: str = "config") -> RunConfig:
+        if data is not None and not isinstance(data, dict):
+            raise ConfigError(source, "the top level must be a mapping of sections (model, data, lora, ...).")
         config = cls()
         for key, value in (data or {}).items():
-            config.set(key, value, source=source)
+            config.set(str(key), value, source=source)
         return config
 
     @classmethod
-    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> "RunConfig":
+    def from_yaml(cls, path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(str(path), "no such preset or config file.")
@@ -154,8 +329,8 @@ class RunConfig:
             mark = getattr(error, "problem_mark", None)
             where = f", line {mark.line + 1}" if mark else ""
             raise ConfigError(f"{path}{where}", f"not valid YAML ({getattr(error, 'problem', error)}).") from None
-        if data is not None and not isinstance(data, dict):
-            raise ConfigError(str(path), "the top level must be a mapping of sections (model, data, lora, ...).")
+        except (OSError, UnicodeDecodeError) as error:
+            raise ConfigError(str(path), f"cannot be read ({error}).") from None
         config = cls.from_dict(data, source=str(path))
         config.apply_overrides(overrides or [])
         return config
@@ -183,108 +358,72 @@ class RunConfig:
 
     def set(self, key: str, value: Any, source: str = "config") -> None:
         """Set a top-level key; section values are merged field by field."""
-        top_fields = {f.name: f for f in dataclasses.fields(self)}
         if key == "method":  # accepted as a convenience, stored as the fields it implies
             self.set_method(str(value))
             return
-        if key not in top_fields:
-            raise ConfigError(key, f"unknown key in {source}{_suggest(key, list(top_fields) + ['method'])}.")
-        current = getattr(self, key)
-        if dataclasses.is_dataclass(current):
+        top = {f.name for f in dataclasses.fields(self)}
+        if key not in top:
+            raise ConfigError(key, f"unknown key in {source}{suggest(key, list(top) + ['method'])}.")
+        if key in SECTIONS:
             if not isinstance(value, dict):
                 raise ConfigError(key, f"must be a mapping of fields, got {value!r}.")
-            section_fields = {f.name for f in dataclasses.fields(current)}
+            section = getattr(self, key)
+            names = {f.name for f in dataclasses.fields(section)}
             for name, item in value.items():
-                if name not in section_fields:
-                    raise ConfigError(f"{key}.{name}", f"unknown field in {source}{_suggest(name, section_fields)}.")
-                setattr(current, name, _coerce(f"{key}.{name}", getattr(current, name), item, type(current), name))
+                if name not in names:
+                    raise ConfigError(f"{key}.{name}", f"unknown field in {source}{suggest(str(name), names)}.")
+                setattr(section, name, field_spec(f"{key}.{name}").coerce(item))
         else:
-            setattr(self, key, value)
+            setattr(self, key, field_spec(key).coerce(value))
 
     # ------------------------------------------------------------------ validation
     def errors(self) -> list[ConfigError]:
         """Every problem found without loading the model, each naming field, value and range."""
-        problems: list[ConfigError] = []
+        problems = []
+        for item in field_specs():
+            message = item.problem(self.get(item.path))
+            if message:
+                problems.append(ConfigError(item.path, message))
+        bad = {p.field for p in problems}
+        problems += [p for p in self._cross_field_errors() if p.field not in bad]
+        return problems
+
+    def _cross_field_errors(self) -> list[ConfigError]:
+        """Rules that span fields; each names the field a person should change."""
+        lora, train, quant, data = self.lora, self.train, self.quant, self.data
+        found = []
 
         def check(ok: bool, name: str, message: str):
             if not ok:
-                problems.append(ConfigError(name, message))
+                found.append(ConfigError(name, message))
 
-        lora, train, quant, data = self.lora, self.train, self.quant, self.data
-        check(_is_int(lora.r) and lora.r > 0, "lora.r", f"rank must be a positive integer, got {lora.r!r}.")
-        check(_is_num(lora.lora_alpha) and lora.lora_alpha > 0, "lora.lora_alpha",
-              f"must be a number > 0, got {lora.lora_alpha!r}.")
-        check(_is_num(lora.lora_dropout) and 0 <= lora.lora_dropout < 1, "lora.lora_dropout",
-              f"must satisfy 0 <= dropout < 1, got {lora.lora_dropout!r}.")
-        check(lora.bias in ("none", "all", "lora_only"), "lora.bias", f"must be none, all or lora_only, got {lora.bias!r}.")
-        targets = lora.target_modules
-        check(targets == "all-linear" or (isinstance(targets, list) and targets and all(isinstance(t, str) and t for t in targets)),
-              "lora.target_modules", f"must be 'all-linear' or a non-empty list of module names, got {targets!r}.")
+        check(not (quant.load_in_4bit and quant.load_in_8bit), "quant.load_in_8bit", "choose 4 bit or 8 bit, not both.")
+        check(lora.use_peft or not (quant.load_in_4bit or quant.load_in_8bit), "lora.use_peft",
+              "a quantized base cannot be fully fine-tuned (its weights are frozen integers): keep use_peft on "
+              "(LoRA/QLoRA) or load the base unquantized.")
         check(not (lora.use_dora and quant.load_in_8bit), "lora.use_dora", "DoRA is not supported on an 8-bit base.")
-        check(_is_num(train.learning_rate) and train.learning_rate > 0, "train.learning_rate",
-              f"must be > 0, got {train.learning_rate!r}.")
-        check(_is_num(train.learning_rate) and train.learning_rate < 1, "train.learning_rate",
-              f"must be below 1 (typical LoRA values are 1e-5 to 1e-3), got {train.learning_rate!r}.")
-        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps",
-                     "logging_steps", "eval_steps", "save_steps", "save_total_limit"):
-            value = getattr(train, name)
-            check(_is_int(value) and value > 0, f"train.{name}", f"must be a positive integer, got {value!r}.")
-        check(_is_int(train.max_length) and 8 <= train.max_length <= 1_048_576, "train.max_length",
-              f"must be an integer from 8 to 1048576, got {train.max_length!r}.")
-        check(_is_int(train.max_steps) and (train.max_steps == -1 or train.max_steps > 0), "train.max_steps",
-              f"must be -1 (use epochs) or a positive integer, got {train.max_steps!r}.")
-        check(_is_num(train.num_train_epochs) and train.num_train_epochs > 0, "train.num_train_epochs",
-              f"must be > 0, got {train.num_train_epochs!r}.")
-        check(_is_num(train.warmup_steps) and train.warmup_steps >= 0 and (
-            _is_int(train.warmup_steps) or train.warmup_steps < 1), "train.warmup_steps",
-              f"must be an integer >= 0 or a ratio in [0, 1), got {train.warmup_steps!r}.")
-        check(_is_num(train.max_grad_norm) and train.max_grad_norm > 0, "train.max_grad_norm",
-              f"must be > 0, got {train.max_grad_norm!r}.")
-        check(_is_num(train.weight_decay) and train.weight_decay >= 0, "train.weight_decay",
-              f"must be >= 0, got {train.weight_decay!r}.")
-        check(train.lr_scheduler_type in SCHEDULERS, "train.lr_scheduler_type",
-              f"must be one of {', '.join(SCHEDULERS)}, got {train.lr_scheduler_type!r}{_suggest(str(train.lr_scheduler_type), SCHEDULERS)}.")
-        check(train.optim in OPTIMIZERS, "train.optim",
-              f"must be one of {', '.join(OPTIMIZERS)}, got {train.optim!r}{_suggest(str(train.optim), OPTIMIZERS)}.")
-        check(_is_int(train.seed) and train.seed >= 0, "train.seed", f"must be an integer >= 0, got {train.seed!r}.")
-        check(_is_num(data.eval_fraction) and 0 <= data.eval_fraction < 1, "data.eval_fraction",
-              f"must satisfy 0 <= fraction < 1, got {data.eval_fraction!r}.")
-        check(data.format in ("auto", "messages", "sharegpt", "alpaca", "prompt_completion", "text"), "data.format",
-              f"must be auto, messages, sharegpt, alpaca, prompt_completion or text, got {data.format!r}.")
         check(not (data.format == "text" and train.assistant_only_loss), "train.assistant_only_loss",
               "plain-text data has no assistant turns: set it to false for continued pre-training.")
-        check(isinstance(self.model.name_or_path, str) and self.model.name_or_path.strip() != "", "model.name_or_path",
-              "must name a base model ('demo', a local folder or a hub id).")
-        check(self.model.attn_implementation in ("sdpa", "eager", "flash_attention_2"), "model.attn_implementation",
-              f"must be sdpa, eager or flash_attention_2, got {self.model.attn_implementation!r}.")
-        check(not (quant.load_in_4bit and quant.load_in_8bit), "quant.load_in_8bit",
-              "choose 4 bit or 8 bit, not both.")
-        check(quant.bnb_4bit_quant_type in ("nf4", "fp4"), "quant.bnb_4bit_quant_type",
-              f"must be nf4 or fp4, got {quant.bnb_4bit_quant_type!r}.")
-        check(quant.bnb_4bit_compute_dtype in COMPUTE_DTYPES, "quant.bnb_4bit_compute_dtype",
-              f"must be one of {', '.join(COMPUTE_DTYPES)}, got {quant.bnb_4bit_compute_dtype!r}.")
+        check(not (train.lr_scheduler_type == "cosine_with_min_lr" and not {"min_lr", "min_lr_rate"}
+                   & set(train.lr_scheduler_kwargs or {})), "train.lr_scheduler_kwargs",
+              "cosine_with_min_lr needs min_lr or min_lr_rate, e.g. lr_scheduler_kwargs={min_lr_rate: 0.1}.")
         if quant.load_in_4bit or quant.load_in_8bit:
             import importlib.util
 
             check(importlib.util.find_spec("bitsandbytes") is not None, "quant.load_in_4bit",
                   "4-bit and 8-bit loading require the bitsandbytes package: pip install bitsandbytes.")
         if self.name is not None:
-            check(isinstance(self.name, str) and _safe_name(self.name), "name",
+            check(isinstance(self.name, str) and valid_name(self.name), "name",
                   f"may contain letters, digits, '-', '_' and '.', not start with '.', got {self.name!r}.")
-        return problems
+        return found
 
-    def validate(self) -> "RunConfig":
+    def validate(self) -> RunConfig:
         problems = self.errors()
+        if len(problems) == 1:
+            raise problems[0]
         if problems:
-            raise ConfigError(problems[0].field, str(problems[0]).split(": ", 1)[1]) if len(problems) == 1 else \
-                ConfigError("config", "; ".join(str(p) for p in problems))
+            raise ConfigError("config", "; ".join(str(p) for p in problems))
         return self
-
-
-def _safe_name(name: str) -> bool:
-    import re
-
-    return bool(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}", name)) and ".." not in name
 
 
 def _is_int(value) -> bool:
@@ -301,7 +440,8 @@ SYNONYMS = {"rank": "r", "alpha": "lora_alpha", "dropout": "lora_dropout", "lr":
             "scheduler": "lr_scheduler_type", "optimizer": "optim", "warmup_ratio": "warmup_steps"}
 
 
-def _suggest(word: str, options) -> str:
+def suggest(word: str, options) -> str:
+    """`` (did you mean 'x'?)`` for the closest option (or a known synonym), else ''."""
     options = list(options)
     if SYNONYMS.get(word) in options:
         return f" (did you mean '{SYNONYMS[word]}'?)"
@@ -309,48 +449,32 @@ def _suggest(word: str, options) -> str:
     return f" (did you mean '{close[0]}'?)" if close else ""
 
 
-def _coerce(path: str, current: Any, value: Any, section_type: type, name: str) -> Any:
-    """Accept what YAML and --set give; turn int-looking floats for float fields; keep the rest for validation."""
-    default = next(f for f in dataclasses.fields(section_type) if f.name == name).default
-    if isinstance(default, bool) and isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-        return value.lower() in ("true", "yes")
-    if isinstance(default, (int, float)) and not isinstance(default, bool) and isinstance(value, str):
-        try:  # YAML reads "1e-4" (no dot) as a string
-            value = float(value)
-        except ValueError:
-            return value
-        if isinstance(default, int) and value.is_integer():
-            return int(value)
-    if isinstance(default, float) and _is_int(value) and name not in ("warmup_steps",):
-        return float(value)
-    if name == "target_modules" and isinstance(value, str) and value != "all-linear":
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
+# ----------------------------------------------------------------------------- reading the specs
+_SPECS: dict[str, FieldSpec] = {}
+
+
+def field_specs() -> list[FieldSpec]:
+    """Every field of a run, in declaration order, as ``FieldSpec``s (built once from the metadata)."""
+    if not _SPECS:
+        top = [(f, "") for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS]
+        nested = [(f, f"{name}.") for name, section in SECTIONS.items() for f in dataclasses.fields(section)]
+        for item, prefix in top + nested:
+            meta = dict(item.metadata)
+            default = item.default_factory() if item.default is dataclasses.MISSING else item.default
+            path = prefix + item.name
+            _SPECS[path] = FieldSpec(path=path, default=default, help=meta.pop("help"),
+                                     label=meta.pop("label") or item.name, kind=meta.pop("kind"), **meta)
+    return list(_SPECS.values())
+
+
+def field_spec(path: str) -> FieldSpec:
+    field_specs()
+    try:
+        return _SPECS[path]
+    except KeyError:
+        raise ConfigError(path, f"unknown field{suggest(path, _SPECS)}.") from None
 
 
 def field_help() -> dict[str, str]:
     """``section.field`` -> help text, for the UI and the CLI's --help."""
-    helps = {}
-    for section in dataclasses.fields(RunConfig):
-        default = RunConfig().__getattribute__(section.name)
-        if dataclasses.is_dataclass(default):
-            for f in dataclasses.fields(default):
-                helps[f"{section.name}.{f.name}"] = f.metadata.get("help", "")
-        else:
-            helps[section.name] = section.metadata.get("help", "")
-    return helps
-
-
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
-
-
-def list_presets() -> list[str]:
-    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
-
-
-def load_preset(name_or_path: str, overrides: list[str] | None = None) -> RunConfig:
-    """A preset by name (``demo-lora``) or a YAML path."""
-    path = Path(name_or_path)
-    if not path.suffix and not path.exists():
-        path = PRESETS_DIR / f"{name_or_path}.yaml"
-    return RunConfig.from_yaml(path, overrides)
+    return {item.path: item.help for item in field_specs()}

@@ -246,21 +246,19 @@ def load_reference(base_path: str, base_kwargs: dict, adapter_dir: Path):
     return model.to(device()).eval()
 
 
-def load_quantized_reference(base_path: str, base_kwargs: dict, adapter_dir: Path, quant: dict):
-    """What a QLoRA run trained against: the 4-bit base + the adapter (for the quantization gap)."""
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_quantized_reference(base_path: str, base_kwargs: dict, adapter_dir: Path, config):
+    """What a QLoRA run trained against: its quantized base + the adapter (for the quantization gap).
 
+    The base is quantized exactly as the worker quantizes it, through engine.config.build.
+    """
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from engine.config.build import decide_runtime, model_load_kwargs
     from engine.export.verify import device
 
-    compute = torch.float32 if device() == "cpu" else getattr(torch, quant.get("bnb_4bit_compute_dtype", "bfloat16"))
-    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=quant.get("bnb_4bit_quant_type", "nf4"),
-                                bnb_4bit_use_double_quant=quant.get("bnb_4bit_use_double_quant", True),
-                                bnb_4bit_compute_dtype=compute)
-    kwargs = dict(base_kwargs, quantization_config=config, dtype=compute)
-    if device() == "cuda":
-        kwargs["device_map"] = {"": 0}
+    runtime = decide_runtime(config, device=device())
+    kwargs = {**model_load_kwargs(config, runtime), **base_kwargs}
     base = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     return PeftModel.from_pretrained(base, str(adapter_dir)).eval()
 
@@ -351,7 +349,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
         if qlora and quantization_gap:
             progress(0.55, "Measuring how far the 16-bit model is from the 4-bit one the adapter was trained on.")
             try:
-                quantized = load_quantized_reference(base_path, base_kwargs, paths.adapter, config.to_dict()["quant"])
+                quantized = load_quantized_reference(base_path, base_kwargs, paths.adapter, config)
                 gap = export_verify.quantization_gap(quantized, reference)
                 del quantized
                 from accelerate.utils import release_memory  # lazy: accelerate imports torch

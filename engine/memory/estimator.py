@@ -717,71 +717,44 @@ def max_batch_or_seq_that_fits(
 
 
 # ------------------------------------------------------------------------ run configs
-def settings_from_run_config(run_config: dict) -> tuple[str, MemorySettings]:
-    """Map a LoRA Lab run config (sections model/lora/quant/train) onto MemorySettings.
+def settings_from_run_config(config) -> tuple[str, MemorySettings]:
+    """The memory settings of a ``RunConfig``, and its base model's name.
 
-    Assumptions, all overridable by keys in the config: the method is ``method`` if given,
-    else qlora when ``quant.load_in_4bit``, lora8bit when ``quant.load_in_8bit``, lora when
-    a ``lora`` section exists, else full; ``train.gradient_checkpointing`` defaults to True
-    and ``train.bf16`` to True (TRL's defaults); ``train.optim`` defaults to
-    paged_adamw_32bit (LoRA Lab's default); batches of more than one sequence are padded unless
-    ``train.packing`` or ``train.padding_free``; ``quant.prepare_model_for_kbit_training``
-    (default True) decides the fp32 upcast; ``model.attn_implementation`` defaults to sdpa;
-    quantized bases compute in ``quant.bnb_4bit_compute_dtype`` (as engine/worker.py loads
-    them); ``train.gradient_accumulation_steps`` > 1 keeps gradients alive between micro-batches.
+    The method is ``RunConfig.method`` (its one owner): dora and rslora are LoRA here (DoRA
+    adds its magnitude vectors). Quantized bases compute in ``quant.bnb_4bit_compute_dtype``
+    as the worker loads them; batches of more than one row are padded unless packed.
     """
-    model = run_config.get("model") or {}
-    lora = run_config.get("lora")
-    quant = run_config.get("quant") or {}
-    train = run_config.get("train") or {}
-    name = model.get("name_or_path") or model.get("name") or ""
-    method = run_config.get("method")
-    if not method:
-        if quant.get("load_in_4bit"):
-            method = "qlora"
-        elif quant.get("load_in_8bit"):
-            method = "lora8bit"
-        elif lora is not None and lora.get("enabled", True):
-            method = "lora"
-        else:
-            method = "full"
-    lora = lora or {}
-    if train.get("fp16"):
-        compute = "float16"
-    elif train.get("bf16", True):
-        compute = "bfloat16"
-    else:
-        compute = "float32"
-    if method in ("qlora", "lora8bit") and quant.get("bnb_4bit_compute_dtype") and compute != "float32":
-        compute = str(quant["bnb_4bit_compute_dtype"])  # the worker loads quantized bases in this dtype
-    batch = int(train.get("per_device_train_batch_size") or 1)
-    packing = bool(train.get("packing") or train.get("padding_free"))
-    attn = model.get("attn_implementation") or "sdpa"
-    attn = {"flash_attention_2": "flash", "flash_attention_3": "flash"}.get(attn, attn)
+    model, lora, quant, train = config.model, config.lora, config.quant, config.train
+    method = {"dora": "lora", "rslora": "lora"}.get(config.method, config.method)
+    compute = "bfloat16" if train.bf16 else "float32"
+    if method in ("qlora", "lora8bit") and compute != "float32":
+        compute = quant.bnb_4bit_compute_dtype  # the worker loads quantized bases in this dtype
+    attn = {"flash_attention_2": "flash", "flash_attention_3": "flash"}.get(model.attn_implementation,
+                                                                          model.attn_implementation)
+    batch = int(train.per_device_train_batch_size)
     settings = MemorySettings(
         method=method,
-        rank=int(lora.get("r") or 16),
-        alpha=int(lora.get("lora_alpha") or 2 * int(lora.get("r") or 16)),
-        targets=lora.get("target_modules") or "all-linear",
-        dora=bool(lora.get("use_dora", False)),
-        lora_dropout=float(lora.get("lora_dropout") or 0.0),
+        rank=int(lora.r),
+        alpha=int(lora.lora_alpha),
+        targets=lora.target_modules,
+        dora=bool(lora.use_dora),
+        lora_dropout=float(lora.lora_dropout),
         batch_size=batch,
-        seq_len=int(train.get("max_length") or train.get("max_seq_length") or 1024),
-        gradient_checkpointing=bool(train.get("gradient_checkpointing", True)),
-        optimizer=str(train.get("optim") or "paged_adamw_32bit"),  # LoRA Lab's default (engine/config.py)
+        seq_len=int(train.max_length),
+        gradient_checkpointing=bool(train.gradient_checkpointing),
+        optimizer=str(train.optim),
         compute_dtype=compute,
-        double_quant=bool(quant.get("bnb_4bit_use_double_quant", True)),
+        double_quant=bool(quant.bnb_4bit_use_double_quant),
         attn=attn if attn in ATTENTION else "sdpa",
-        kbit_upcast=bool(quant.get("prepare_model_for_kbit_training", True)),
-        padded=batch > 1 and not packing,
-        grad_accum=int(train.get("gradient_accumulation_steps") or 1),
+        padded=batch > 1 and not train.packing,
+        grad_accum=int(train.gradient_accumulation_steps),
     )
-    return name, settings
+    return model.name_or_path, settings
 
 
-def estimate_for_run_config(run_config: dict) -> MemoryEstimate:
-    """Estimate for a run config dictionary (see settings_from_run_config for the mapping)."""
-    name, settings = settings_from_run_config(run_config)
+def estimate_for_run_config(config) -> MemoryEstimate:
+    """Estimate for a ``RunConfig`` (see settings_from_run_config for the mapping)."""
+    name, settings = settings_from_run_config(config)
     return estimate(load_arch(name), settings)
 
 

@@ -82,7 +82,7 @@ def follow(run_dir: Path, process=None) -> str:
 
 
 def train_main(argv: list[str]) -> int:
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
 
     parser = argparse.ArgumentParser(prog="python -m engine train", description="Start a training run and follow it.")
     parser.add_argument("preset", help="preset name (demo-lora) or YAML path")

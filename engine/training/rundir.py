@@ -220,7 +220,7 @@ def read_gpu_samples(run_dir: Path) -> list[dict]:
 
 
 def load_config(run_dir: Path):
-    from engine.config.schema import RunConfig
+    from engine.config import RunConfig
 
     return RunConfig.from_yaml(RunPaths(Path(run_dir)).config)
 
@@ -237,6 +237,17 @@ def peak_memory(samples: list[dict]) -> tuple[int | None, str | None]:
     return peak, source
 
 
+def _method_of(config: dict) -> str:
+    """RunConfig.method (its one owner) for a config read leniently; '?' when the config is damaged."""
+    from engine.config import RunConfig
+    from engine.errors import LoraLabError
+
+    try:
+        return RunConfig.from_dict(config).method
+    except (LoraLabError, TypeError, ValueError, AttributeError):
+        return "?"
+
+
 def summarize_run(run_dir: Path) -> RunSummary:
     run_dir = Path(run_dir)
     paths = RunPaths(run_dir)
@@ -251,9 +262,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
     train_losses = [m["loss"] for m in metrics if m.get("loss") is not None]
     eval_losses = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None and m.get("step", 0) > 0]
     peak, source = peak_memory(read_gpu_samples(run_dir))
-    quant, lora = config.get("quant", {}) or {}, config.get("lora", {}) or {}
-    method = "qlora" if quant.get("load_in_4bit") else "dora" if lora.get("use_dora") else "rslora" if lora.get(
-        "use_rslora") else "lora"
+    method = _method_of(config)
     started, ended = status.get("started_at"), status.get("ended_at") or (
         time.time() if status.get("state") in ACTIVE_STATES else None)
     return RunSummary(

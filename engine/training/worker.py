@@ -19,7 +19,8 @@ import traceback
 from pathlib import Path
 
 from engine.training import rundir
-from engine.config.schema import RunConfig
+from engine.config import RunConfig
+from engine.config.build import Runtime, decide_runtime, model_load_kwargs, to_lora_config, to_sft_config
 from engine.errors import LoraLabError
 from engine.training.rundir import RunPaths, add_fallback, update_status
 
@@ -33,38 +34,11 @@ def log(message: str) -> None:
 
 
 # ----------------------------------------------------------------------------- environment decisions
-def decide_runtime(config: RunConfig, run_dir: Path) -> dict:
-    """What this machine can honour of the config; every change is said out loud."""
-    import torch
-
-    cuda = torch.cuda.is_available()
-    bf16_ok = cuda and torch.cuda.is_bf16_supported()
-    decisions = {"device": "cuda" if cuda else "cpu", "bf16": config.train.bf16, "optim": config.train.optim,
-                 "compute_dtype": config.quant.bnb_4bit_compute_dtype}
-
-    def fallback(sentence: str):
+def record_runtime(run_dir: Path, runtime: Runtime) -> None:
+    """Say every setting this machine cannot honour, in the log and in status.json."""
+    for sentence in runtime.fallbacks:
         log(f"fallback: {sentence}")
         add_fallback(run_dir, sentence)
-
-    if not cuda:
-        fallback("No CUDA GPU found: training runs on the CPU.")
-    if config.train.bf16 and not bf16_ok:
-        decisions["bf16"] = False
-        fallback("bf16 mixed precision needs a GPU that supports it: training in float32 instead.")
-    if config.train.optim.startswith("paged_") and not cuda:
-        decisions["optim"] = "adamw_torch"
-        fallback(f"{config.train.optim} pages optimizer state through CUDA unified memory: using adamw_torch instead.")
-    if config.train.optim in ("adamw_8bit", "adamw_bnb_8bit") and not cuda:
-        decisions["optim"] = "adamw_torch"
-        fallback(f"{config.train.optim} needs CUDA: using adamw_torch instead.")
-    if (config.quant.load_in_4bit or config.quant.load_in_8bit) and not cuda \
-            and config.quant.bnb_4bit_compute_dtype != "float32":
-        decisions["compute_dtype"] = "float32"
-        fallback(f"4-bit compute in {config.quant.bnb_4bit_compute_dtype} is slow on the CPU: computing in float32.")
-    if config.quant.bnb_4bit_compute_dtype == "bfloat16" and cuda and not bf16_ok:
-        decisions["compute_dtype"] = "float16"
-        fallback("This GPU has no bf16: 4-bit compute in float16 instead.")
-    return decisions
 
 
 def resolve_model_path(config: RunConfig) -> str:
@@ -107,33 +81,14 @@ def build_datasets(config: RunConfig):
     return to_dataset(rows), to_dataset(eval_rows), lineage
 
 
-def build_model(config: RunConfig, model_path: str, runtime: dict):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def build_model(config: RunConfig, model_path: str, runtime: Runtime):
+    from transformers import AutoModelForCausalLM
 
-    quant = config.quant
-    kwargs = dict(
-        revision=config.model.revision,
-        trust_remote_code=config.model.trust_remote_code,
-        attn_implementation=config.model.attn_implementation,
-    )
-    compute_dtype = getattr(torch, runtime["compute_dtype"])
-    if quant.load_in_4bit or quant.load_in_8bit:
+    quantized = config.quant.load_in_4bit or config.quant.load_in_8bit
+    if quantized:
         update_status(_RUN_DIR, message="Loading and quantizing the base model with bitsandbytes.")
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=quant.load_in_4bit,
-            load_in_8bit=quant.load_in_8bit,
-            bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
-            bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
-            bnb_4bit_compute_dtype=compute_dtype,
-        )
-        kwargs["dtype"] = compute_dtype
-        if runtime["device"] == "cuda":
-            kwargs["device_map"] = {"": 0}
-    else:
-        kwargs["dtype"] = torch.bfloat16 if runtime["bf16"] else torch.float32
-    model = AutoModelForCausalLM.from_pretrained(model_path, **kwargs)
-    if quant.load_in_4bit or quant.load_in_8bit:
+    model = AutoModelForCausalLM.from_pretrained(model_path, **model_load_kwargs(config, runtime))
+    if quantized:
         from peft import prepare_model_for_kbit_training
 
         # Upcasts norms/embeddings to fp32 and wires input grads for checkpointing (QLoRA paper recipe).
@@ -142,22 +97,6 @@ def build_model(config: RunConfig, model_path: str, runtime: dict):
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
     return model
-
-
-def build_peft_config(config: RunConfig):
-    from peft import LoraConfig
-
-    lora = config.lora
-    return LoraConfig(
-        r=lora.r,
-        lora_alpha=lora.lora_alpha,
-        lora_dropout=lora.lora_dropout,
-        target_modules=lora.target_modules,
-        use_dora=lora.use_dora,
-        use_rslora=lora.use_rslora,
-        bias=lora.bias,
-        task_type="CAUSAL_LM",
-    )
 
 
 def check_target_modules(model, config: RunConfig) -> None:
@@ -176,49 +115,6 @@ def check_target_modules(model, config: RunConfig) -> None:
         raise ConfigError("lora.target_modules",
                           f"{', '.join(missing)} not found in this model; its linear modules are "
                           f"{', '.join(sorted(linear_names))} (or use all-linear).")
-
-
-def build_training_args(config: RunConfig, runtime: dict, has_eval: bool, paths: RunPaths, resuming: bool):
-    from trl import SFTConfig
-
-    train = config.train
-    return SFTConfig(
-        output_dir=str(paths.checkpoints),
-        num_train_epochs=train.num_train_epochs,
-        max_steps=train.max_steps,
-        per_device_train_batch_size=train.per_device_train_batch_size,
-        per_device_eval_batch_size=train.per_device_eval_batch_size,
-        gradient_accumulation_steps=train.gradient_accumulation_steps,
-        learning_rate=train.learning_rate,
-        lr_scheduler_type=train.lr_scheduler_type,
-        warmup_steps=train.warmup_steps,
-        weight_decay=train.weight_decay,
-        max_grad_norm=train.max_grad_norm,
-        optim=runtime["optim"],
-        max_length=train.max_length,
-        packing=train.packing,
-        assistant_only_loss=train.assistant_only_loss,
-        gradient_checkpointing=train.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if train.gradient_checkpointing else None,
-        bf16=runtime["bf16"],
-        use_cpu=runtime["device"] == "cpu",
-        logging_steps=train.logging_steps,
-        logging_first_step=True,
-        eval_strategy="steps" if has_eval else "no",
-        eval_steps=train.eval_steps,
-        # The base model's held-out loss, measured by the same evaluation loop: the
-        # baseline every run is judged against (the adapter starts as a no-op).
-        eval_on_start=has_eval and not resuming,
-        save_strategy="steps",
-        save_steps=train.save_steps,
-        save_total_limit=train.save_total_limit,
-        seed=train.seed,
-        report_to="none",
-        disable_tqdm=True,
-        include_num_input_tokens_seen="non_padding",
-        dataloader_num_workers=0,
-        dataset_num_proc=None,
-    )
 
 
 # ----------------------------------------------------------------------------- the callback
@@ -336,7 +232,8 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
-    runtime = decide_runtime(config, run_dir)
+    runtime = decide_runtime(config)
+    record_runtime(run_dir, runtime)
     update_status(run_dir, message="Finding the base model.")
     model_path = resolve_model_path(config)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
@@ -357,12 +254,17 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
         log("resume asked for, but no checkpoint exists: starting from step 0")
     elif checkpoint is not None:
         log(f"resuming from {checkpoint.name}")
-    args = build_training_args(config, runtime, eval_dataset is not None, paths, resuming=checkpoint is not None)
+    args = to_sft_config(config, runtime, paths.checkpoints, has_eval=eval_dataset is not None,
+                         resuming=checkpoint is not None)
     update_status(run_dir, message="Tokenizing the dataset.")
     callback = make_callback(run_dir)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=build_peft_config(config), callbacks=[callback])
-    trainable, total = trainer.model.get_nb_trainable_parameters()
+                         processing_class=tokenizer, peft_config=to_lora_config(config), callbacks=[callback])
+    if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
+        trainable, total = trainer.model.get_nb_trainable_parameters()
+    else:  # full fine-tuning
+        total = sum(p.numel() for p in trainer.model.parameters())
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
     update_status(run_dir, trainable_parameters=trainable, total_parameters=total)
     log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     if config.quant.load_in_4bit:

@@ -1,0 +1,176 @@
+"""The one place a ``RunConfig`` becomes library objects, and what this machine can honour of it.
+
+``decide_runtime`` settles device, precision, optimizer and 4-bit compute dtype, and says in
+words every setting it could not honour (paged optimizers without CUDA, bf16 without a GPU
+that has it...). ``to_lora_config``, ``to_bnb_config``, ``model_load_kwargs`` and
+``to_sft_config`` then build PEFT's, transformers' and TRL's objects from the config and that
+runtime. The worker, chat, export, the memory harness and the benches all call these, so a
+field added to ``RunConfig`` reaches every place that loads or trains a model at once (TRL's
+``get_peft_config`` / ``get_quantization_config`` play the same role there).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.config.schema import RunConfig
+
+# Optimizers implemented by bitsandbytes (paged, 8-bit and its 32-bit variants): CUDA only.
+_BNB_OPTIMIZER_MARKS = ("paged_", "bnb", "_8bit", "_32bit")
+
+
+@dataclass
+class Runtime:
+    """What this machine will actually do for a config; ``fallbacks`` are the sentences saying what changed."""
+
+    device: str
+    bf16: bool
+    optim: str
+    compute_dtype: str
+    fallbacks: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"device": self.device, "bf16": self.bf16, "optim": self.optim, "compute_dtype": self.compute_dtype}
+
+
+def _is_bnb_optimizer(name: str) -> bool:
+    return any(mark in name for mark in _BNB_OPTIMIZER_MARKS) and not name.startswith("adamw_torch")
+
+
+def decide_runtime(config: RunConfig, device: str | None = None) -> Runtime:
+    """Device, precision and optimizer for ``config`` on this machine (``device`` forces cpu/cuda)."""
+    import torch
+
+    cuda = torch.cuda.is_available() if device is None else device.startswith("cuda")
+    bf16_ok = cuda and torch.cuda.is_bf16_supported()
+    train, quant = config.train, config.quant
+    runtime = Runtime(device="cuda" if cuda else "cpu", bf16=train.bf16, optim=train.optim,
+                      compute_dtype=quant.bnb_4bit_compute_dtype)
+    say = runtime.fallbacks.append
+    quantized = quant.load_in_4bit or quant.load_in_8bit
+    if not cuda:
+        say("No CUDA GPU found: training runs on the CPU.")
+    if train.bf16 and not bf16_ok:
+        runtime.bf16 = False
+        say("bf16 mixed precision needs a GPU that supports it: training in float32 instead.")
+    if _is_bnb_optimizer(train.optim) and not cuda:
+        runtime.optim = "adamw_torch"
+        what = "pages optimizer state through CUDA unified memory" if train.optim.startswith("paged_") else \
+            "is a bitsandbytes CUDA optimizer"
+        say(f"{train.optim} {what}: using adamw_torch instead.")
+    if quantized and not cuda and quant.bnb_4bit_compute_dtype != "float32":
+        runtime.compute_dtype = "float32"
+        say(f"4-bit compute in {quant.bnb_4bit_compute_dtype} is slow on the CPU: computing in float32.")
+    if quant.bnb_4bit_compute_dtype == "bfloat16" and cuda and not bf16_ok:
+        runtime.compute_dtype = "float16"
+        say("This GPU has no bf16: 4-bit compute in float16 instead.")
+    return runtime
+
+
+def to_lora_config(config: RunConfig):
+    """PEFT's ``LoraConfig`` for the run, or None for full fine-tuning."""
+    if not config.lora.use_peft:
+        return None
+    from peft import LoraConfig
+
+    lora = config.lora
+    return LoraConfig(
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        use_dora=lora.use_dora,
+        use_rslora=lora.use_rslora,
+        bias=lora.bias,
+        task_type="CAUSAL_LM",
+    )
+
+
+def to_bnb_config(config: RunConfig, runtime: Runtime):
+    """transformers' ``BitsAndBytesConfig`` for a quantized base, or None."""
+    quant = config.quant
+    if not (quant.load_in_4bit or quant.load_in_8bit):
+        return None
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(
+        load_in_4bit=quant.load_in_4bit,
+        load_in_8bit=quant.load_in_8bit,
+        bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
+        bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, runtime.compute_dtype),
+    )
+
+
+def model_load_kwargs(config: RunConfig, runtime: Runtime, training: bool = True) -> dict[str, Any]:
+    """Keyword arguments of ``AutoModelForCausalLM.from_pretrained`` for the run's base.
+
+    ``training=False`` (chat, export references) loads an unquantized base in the dtype
+    inference on this device wants rather than the training precision.
+    """
+    import torch
+
+    kwargs: dict[str, Any] = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code,
+                              "attn_implementation": config.model.attn_implementation}
+    quantization = to_bnb_config(config, runtime)
+    if quantization is not None:
+        kwargs["quantization_config"] = quantization
+        kwargs["dtype"] = getattr(torch, runtime.compute_dtype)
+        if runtime.device.startswith("cuda"):
+            kwargs["device_map"] = {"": 0 if runtime.device == "cuda" else runtime.device}
+    elif training:
+        kwargs["dtype"] = torch.bfloat16 if runtime.bf16 else torch.float32
+    else:
+        cuda = runtime.device.startswith("cuda")
+        kwargs["dtype"] = torch.bfloat16 if cuda and torch.cuda.is_bf16_supported() else \
+            torch.float16 if cuda else torch.float32
+    return kwargs
+
+
+def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, has_eval: bool, resuming: bool = False):
+    """TRL's ``SFTConfig``: the run's training fields plus what the runtime decided."""
+    from trl import SFTConfig
+
+    train = config.train
+    checkpointing = {"use_reentrant": False} if train.gradient_checkpointing else None
+    return SFTConfig(
+        output_dir=str(output_dir),
+        num_train_epochs=train.num_train_epochs,
+        max_steps=train.max_steps,
+        per_device_train_batch_size=train.per_device_train_batch_size,
+        per_device_eval_batch_size=train.per_device_eval_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        lr_scheduler_kwargs=dict(train.lr_scheduler_kwargs or {}),
+        warmup_steps=train.warmup_steps,
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        optim=runtime.optim,
+        max_length=train.max_length,
+        packing=train.packing,
+        assistant_only_loss=train.assistant_only_loss,
+        gradient_checkpointing=train.gradient_checkpointing,
+        gradient_checkpointing_kwargs=checkpointing,
+        bf16=runtime.bf16,
+        use_cpu=runtime.device == "cpu",
+        logging_steps=train.logging_steps,
+        logging_first_step=True,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=train.eval_steps,
+        # The base model's held-out loss, measured by the same evaluation loop: the
+        # baseline every run is judged against (the adapter starts as a no-op).
+        eval_on_start=has_eval and not resuming,
+        save_strategy="steps",
+        save_steps=train.save_steps,
+        save_total_limit=train.save_total_limit,
+        seed=train.seed,
+        report_to="none",
+        disable_tqdm=True,
+        include_num_input_tokens_seen="non_padding",
+        dataloader_num_workers=0,
+        dataset_num_proc=None,
+    )
