@@ -62,3 +62,15 @@ def demo_lora_run(demo_model_dir, session_runs_dir) -> Path:
 def artifacts_dir() -> Path:
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     return ARTIFACTS
+
+
+# A test is slow when it trains a model or serves a dashboard: through these fixtures, in these modules, or
+# marked by hand. `pytest -m "not slow"` is the inner loop (under 3 minutes); the README's command runs all.
+SLOW_FIXTURES = {"demo_lora_run", "chat_run", "dashboard", "app", "client"}
+SLOW_MODULES = {"test_training.py", "test_jobs.py", "test_cli.py", "test_app_e2e.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SLOW_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
