@@ -282,9 +282,9 @@ class RunConfig:
 
 
 def _safe_name(name: str) -> bool:
-    import re
+    from engine.names import name_problem
 
-    return bool(re.fullmatch(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}", name)) and ".." not in name
+    return name_problem(name) is None
 
 
 def _is_int(value) -> bool:

@@ -30,11 +30,11 @@ from typing import Callable
 
 from engine.training import rundir
 from engine.errors import LoraLabError, RunError
+from engine.names import check_name
 
 KINDS = ("adapter", "merged")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
 SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*(KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
 SPACE_MARGIN = 1.05  # headroom on free-space checks: file system metadata, tokenizer, card
 MIN_SHARD_BYTES = 10**6
@@ -67,22 +67,10 @@ def _no_progress(fraction: float, message: str) -> None:
 # ----------------------------------------------------------------------------- names and places
 def safe_export_dir(exports_dir: Path, name: str) -> Path:
     """The folder for export ``name``; anything that could leave ``exports_dir`` is refused."""
-    name = name if isinstance(name, str) else ""
-    reason = None
-    if not name.strip():
-        reason = "it is empty"
-    elif ".." in name:
-        reason = "it contains '..'"
-    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        reason = "it contains a path separator"
-    elif Path(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
-        reason = "it is an absolute path"
-    elif name.lower().endswith(".zip"):
-        reason = "it ends in .zip (the download of an export is named <name>.zip)"
-    elif not NAME_PATTERN.match(name):
-        reason = "only letters, digits, '-', '_' and '.' are allowed, up to 100 characters, not starting with '.'"
-    if reason:
-        raise ExportError(f"'{name}' is not a valid export name: {reason}.")
+    name = check_name(name if isinstance(name, str) else "", "export", ExportError)
+    if name.lower().endswith(".zip"):
+        raise ExportError(f"'{name}' is not a valid export name: it ends in .zip (the download of an export is "
+                          "named <name>.zip).")
     root = Path(exports_dir).resolve()
     target = (root / name).resolve()
     if target.parent != root:  # a symlink planted in the exports folder, say
@@ -175,22 +163,20 @@ def resolve_base(run_dir: Path, config, lineage: dict, progress: Progress) -> tu
     a different base would ship a model nobody trained, under a card that names another.
     A hub base is pinned to the commit recorded at training.
     """
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
-    from engine.hub import resolve_source
+    from engine.demo import DEMO_MODEL_NAME
+    from engine.hub import resolve_model
     from engine.lineage import folder_content_hash
 
     record = dict(lineage.get("base_model") or {"name_or_path": config.model.name_or_path})
     name = record.get("name_or_path") or config.model.name_or_path
     resolved = record.get("resolved")
     kwargs = {"trust_remote_code": config.model.trust_remote_code}
-    if name == DEMO_MODEL_NAME:
-        path = str(ensure_demo_model(log=lambda message: progress(0.02, message)))
-    elif resolved and Path(resolved).is_dir():
-        path = resolved
+    if name != DEMO_MODEL_NAME and resolved and Path(resolved).is_dir():
+        path = resolved  # the folder training loaded, checked against its hash below
     else:
-        path = resolve_source(name, what="base model")
+        path = resolve_model(name, log=lambda message: progress(0.02, message))
         revision = record.get("commit") or config.model.revision
-        if revision:
+        if revision and name != DEMO_MODEL_NAME:
             kwargs["revision"] = revision
     if Path(path).is_dir() and record.get("content_sha256"):
         progress(0.03, "Checking that the base model is the one the run was trained on (hashing its files).")

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import RunError
+from engine.names import check_name
 
 STATES = ("queued", "loading", "training", "evaluating", "saving", "completed", "stopped", "failed", "interrupted")
 TERMINAL_STATES = ("completed", "stopped", "failed", "interrupted")
@@ -132,14 +132,9 @@ def add_fallback(run_dir: Path, sentence: str) -> None:
 
 
 # ----------------------------------------------------------------------------- creating and finding runs
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
-
-
 def safe_run_dir(runs_dir: Path, name: str) -> Path:
     """The folder of run ``name``, refusing anything that could leave ``runs_dir``."""
-    if not NAME_PATTERN.match(name or "") or ".." in name:
-        raise RunError(f"'{name}' is not a valid run name (letters, digits, '-', '_', '.'; no path separators).")
-    return Path(runs_dir) / name
+    return Path(runs_dir) / check_name(name, "run", RunError)
 
 
 def create_run(runs_dir: Path, config, name: str | None = None) -> Path:

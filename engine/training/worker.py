@@ -21,6 +21,7 @@ from pathlib import Path
 from engine.training import rundir
 from engine.config.schema import RunConfig
 from engine.errors import LoraLabError
+from engine.hub import resolve_model
 from engine.training.rundir import RunPaths, add_fallback, update_status
 
 EXIT_FAILED = 1
@@ -65,15 +66,6 @@ def decide_runtime(config: RunConfig, run_dir: Path) -> dict:
         decisions["compute_dtype"] = "float16"
         fallback("This GPU has no bf16: 4-bit compute in float16 instead.")
     return decisions
-
-
-def resolve_model_path(config: RunConfig) -> str:
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
-    from engine.hub import resolve_source
-
-    if config.model.name_or_path == DEMO_MODEL_NAME:
-        return str(ensure_demo_model(log=log))
-    return resolve_source(config.model.name_or_path, what="base model")
 
 
 # ----------------------------------------------------------------------------- builders
@@ -338,7 +330,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
 
     runtime = decide_runtime(config, run_dir)
     update_status(run_dir, message="Finding the base model.")
-    model_path = resolve_model_path(config)
+    model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
     train_dataset, eval_dataset, data_lineage = build_datasets(config)
     write_lineage(paths, config, model_path, data_lineage)
