@@ -6,7 +6,7 @@ queues and recovers workers; ``sampler`` records memory readings beside the run.
 """
 
 from engine.training import rundir
-from engine.training.jobs import JobManager, request_stop, spawn_worker, wait_for_state
+from engine.training.jobs import JobManager, kill_worker, request_stop, spawn_worker, wait_for_state
 from engine.training.sampler import GpuSampler
 
-__all__ = ["GpuSampler", "JobManager", "request_stop", "rundir", "spawn_worker", "wait_for_state"]
+__all__ = ["GpuSampler", "JobManager", "kill_worker", "request_stop", "rundir", "spawn_worker", "wait_for_state"]

@@ -227,6 +227,7 @@ def make_callback(run_dir: Path):
             self.last_tokens = None
             self.first_step = None
             self.stop_requested = False
+            self.evaluating = False  # kept here: reading status.json on every eval batch cost a file read each
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.time()
@@ -277,12 +278,13 @@ def make_callback(run_dir: Path):
             return control
 
         def on_evaluate(self, args, state, control, **kwargs):
+            self.evaluating = False
             if not self.stop_requested:
                 update_status(run_dir, "training", message="Training.")
 
         def on_prediction_step(self, args, state, control, **kwargs):
-            status = rundir.read_status(run_dir)
-            if status.get("state") != "evaluating":
+            if not self.evaluating:  # once per evaluation, not once per batch
+                self.evaluating = True
                 update_status(run_dir, "evaluating", message="Evaluating on the held-out rows.")
 
         def on_save(self, args, state, control, **kwargs):
