@@ -1,8 +1,8 @@
 """Training runs: the run directory, the worker process, the job manager and the memory sampler.
 
 ``rundir`` owns the layout of a run folder and every read or write of it; ``worker`` is the
-training process (``python -m engine.training.worker RUN_DIR``); ``jobs`` starts, stops,
-queues and recovers workers; ``sampler`` records memory readings beside the run.
+training process (``python -m engine.training.worker RUN_DIR``), which also records its
+own memory through ``sampler``; ``jobs`` starts, stops, queues and recovers workers.
 """
 
 from engine.training import rundir

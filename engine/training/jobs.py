@@ -159,10 +159,9 @@ class ActiveJob:
 class JobManager:
     """The dashboard's (or a test's) view of training jobs. Thread-safe; polls, never blocks the UI."""
 
-    def __init__(self, runs_dir: Path, sampler=None, poll_s: float = 0.5, recover: bool = True):
+    def __init__(self, runs_dir: Path, poll_s: float = 0.5, recover: bool = True):
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.sampler = sampler
         self.poll_s = poll_s
         self.queue: deque[tuple[Path, bool]] = deque()
         self.active: ActiveJob | None = None
@@ -244,24 +243,16 @@ class JobManager:
                 waited = stop_requested_for(job.run_dir)
                 if returncode is not None:
                     mark_dead_worker(job.run_dir, None if returncode == -999 else returncode)
-                    self._detach_sampler()
                     self.active = None
                 elif waited is not None and waited > FORCE_STOP_AFTER_S:
                     kill_worker(job.run_dir, job.pid, f"Stopped by force: the graceful stop took over "
                                                       f"{FORCE_STOP_AFTER_S:.0f} s.", job.process)
-                    self._detach_sampler()
                     self.active = None
             if self.active is None and self.queue:
                 run_dir, resume = self.queue.popleft()
                 process = spawn_worker(run_dir, resume=resume)
                 self.active = ActiveJob(run_dir=run_dir, process=process, pid=process.pid)
-                if self.sampler is not None:
-                    self.sampler.attach(run_dir, process.pid)
                 self._refresh_queue_messages()
-
-    def _detach_sampler(self) -> None:
-        if self.sampler is not None:
-            self.sampler.detach()
 
     def _refresh_queue_messages(self) -> None:
         for position, (run_dir, _) in enumerate(self.queue, start=1):
@@ -278,8 +269,6 @@ class JobManager:
                 alive = worker_alive(summary.path, status.pid)
                 if alive and self.active is None:
                     self.active = ActiveJob(run_dir=summary.path, process=None, pid=status.pid)
-                    if self.sampler is not None:
-                        self.sampler.attach(summary.path, status.pid)
                 elif not alive:
                     mark_dead_worker(summary.path, None, interrupted=True)
             elif status.state == "queued":

@@ -1,7 +1,8 @@
 """The training process: one per run, ``python -m engine.training.worker RUN_DIR [--resume]``.
 
 Reads ``config.yaml`` from the run directory and writes everything else there: status
-transitions, one metrics line per log/eval event, the adapter, checkpoints and lineage.
+transitions, one metrics line per log/eval event, memory samples (a sampler thread), the
+adapter, checkpoints and lineage.
 It is TRL's ``SFTTrainer`` with a PEFT config (and bitsandbytes for QLoRA) plus a small
 callback; the worker adds only what a dashboard needs around it — honest fallbacks when
 the machine cannot do what was asked, a stop flag, and failures explained in words.
@@ -23,9 +24,11 @@ from engine.config.schema import RunConfig
 from engine.errors import LoraLabError
 from engine.hub import resolve_model
 from engine.training.rundir import RunPaths, add_fallback, update_status
+from engine.training.sampler import GpuSampler
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
+SAMPLE_INTERVAL_S = 1.0  # memory samples per second into gpu.jsonl (what the Memory chart draws)
 
 
 def log(message: str) -> None:
@@ -416,6 +419,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The run's memory history, recorded from inside the run however it was started;
+    # stopped before the process ends, so the last sample is a reading, not "process exited".
+    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir, pid=os.getpid())
+    sampler.start()
     try:
         final = run_training(run_dir, resume=args.resume)
         return 0 if final == "completed" else EXIT_STOPPED
@@ -425,6 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: {reason}")
         update_status(run_dir, "failed", message="Failed.", error=reason)
         return EXIT_FAILED
+    finally:
+        sampler.stop()
 
 
 if __name__ == "__main__":
