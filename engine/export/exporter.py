@@ -119,12 +119,6 @@ def folder_size(folder: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the run side
-def has_adapter(run_dir: Path) -> bool:
-    adapter = rundir.RunPaths(Path(run_dir)).adapter
-    return (adapter / "adapter_config.json").is_file() and any(
-        (adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin"))
-
-
 def adapter_missing_reason(run_dir: Path) -> str:
     """Why a run has nothing to export, in words a person can act on."""
     run_dir = Path(run_dir)
@@ -143,7 +137,7 @@ def adapter_missing_reason(run_dir: Path) -> str:
 
 def exportable_runs(runs_dir: Path) -> list[str]:
     """Names of runs that have an adapter, newest first (the Export tab's dropdown)."""
-    return [summary.name for summary in rundir.list_runs(runs_dir) if has_adapter(summary.path)]
+    return [summary.name for summary in rundir.list_runs(runs_dir) if summary.has_adapter]
 
 
 def _win_rate(run_dir: Path) -> dict:
@@ -269,7 +263,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
     shard_size = parse_shard_size(max_shard_size) if kind == "merged" else None
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run folder (it has no config.yaml).")
-    if not has_adapter(run_dir):
+    if not rundir.has_adapter(rundir.RunPaths(run_dir).adapter):
         raise ExportError(adapter_missing_reason(run_dir))
     state = rundir.read_status(run_dir).get("state")
     if state in rundir.ACTIVE_STATES:
