@@ -288,7 +288,8 @@ def test_run_watcher_reads_only_what_was_appended(run_dir):
     assert watcher.refresh() is False and watcher.metrics == [] and watcher.gpu_samples == []
     paths = RunPaths(run_dir)
     rundir.append_jsonl(paths.metrics, {"event": "log", "step": 1, "loss": 2.0})
-    rundir.append_jsonl(paths.gpu, {"t": 1.0, "source": "process_rss", "devices": [], "process_bytes": 5, "error": None})
+    sample = {"t": 1.0, "source": "process_rss", "devices": [], "process_bytes": 5, "error": None}
+    rundir.append_jsonl(paths.gpu, sample)
     assert watcher.refresh() is True
     assert [m["step"] for m in watcher.metrics] == [1] and len(watcher.gpu_samples) == 1
     assert watcher.refresh() is False  # nothing new: nothing re-read

@@ -107,7 +107,9 @@ def source_for_folder(folder: str | Path, base_model: str | None = None) -> Adap
                                  "(base_model_name_or_path); give the base model explicitly.")
     # A checkpoint folder inside a run is chatted as that run's adapter, so ratings land in the run.
     for parent in (folder.parent, folder.parent.parent):
-        if (parent / "config.yaml").is_file() and folder in [RunPaths(parent).adapter, *checkpoints(parent, adapters_only=True)]:
+        if not (parent / "config.yaml").is_file():
+            continue
+        if folder in [RunPaths(parent).adapter, *checkpoints(parent, adapters_only=True)]:
             return source_for_run(parent, "adapter" if folder.name == "adapter" else folder.name)
     return AdapterSource(path=folder, label=folder.name, base_model=base,
                          revision=adapter_config.get("revision"))

@@ -124,20 +124,23 @@ def kill_worker(run_dir: Path, pid: int, reason: str, process: subprocess.Popen 
     Nothing is recorded if the worker reached a final state by itself just before.
     """
     try:
-        os.killpg(pid, signal.SIGKILL)  # its own session (spawn_worker): the children go too
-    except ProcessLookupError:
         try:
-            os.kill(pid, signal.SIGKILL)  # started by hand, not a group leader
+            os.killpg(pid, signal.SIGKILL)  # its own session (spawn_worker): the children go too
         except ProcessLookupError:
-            pass  # already gone
+            os.kill(pid, signal.SIGKILL)  # started by hand, not a group leader
+    except ProcessLookupError:
+        pass  # already gone
+    except PermissionError:
+        raise RunError(f"Not allowed to stop the worker of run '{Path(run_dir).name}' (pid {pid}): it belongs to "
+                       "another user.") from None
     if process is not None:
         process.wait(timeout=wait_s)
     else:
         deadline = time.time() + wait_s
         while worker_alive(run_dir, pid) and time.time() < deadline:
             time.sleep(0.05)
-    update_launch(run_dir, "stopped", unless_ended=True, message=reason,
-                  error=None if rundir.latest_checkpoint(run_dir) else "No checkpoint had been saved; resume starts over.")
+    no_checkpoint = None if rundir.latest_checkpoint(run_dir) else "No checkpoint had been saved; resume starts over."
+    update_launch(run_dir, "stopped", unless_ended=True, message=reason, error=no_checkpoint)
     RunPaths(run_dir).stop_request.unlink(missing_ok=True)
 
 

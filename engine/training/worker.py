@@ -230,7 +230,7 @@ def make_callback(run_dir: Path):
             self.last_tokens = None
             self.first_step = None
             self.stop_requested = False
-            self.evaluating = False  # kept here: reading status.json on every eval batch cost a file read each
+            self.evaluating = False  # in memory: a status read per eval batch was a file read per batch
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.time()
@@ -286,7 +286,7 @@ def make_callback(run_dir: Path):
                 update_status(run_dir, "training", message="Training.")
 
         def on_prediction_step(self, args, state, control, **kwargs):
-            if not self.evaluating:  # once per evaluation, not once per batch
+            if not self.evaluating:
                 self.evaluating = True
                 update_status(run_dir, "evaluating", message="Evaluating on the held-out rows.")
 
