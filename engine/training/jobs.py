@@ -44,6 +44,7 @@ def spawn_worker(run_dir: Path, resume: bool = False) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    paths.stop_request.unlink(missing_ok=True)  # left by an earlier attempt; a new one starts unasked
     with open(paths.log, "ab") as log_file:
         process = subprocess.Popen(
             worker_command(run_dir, resume), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

@@ -178,7 +178,7 @@ class RunStatus:
 
 
 # Which file owns which fact. ``state``, ``message``, ``error`` and ``pid`` exist on both
-# sides (each side's own account); the merge picks the latest.
+# sides (each side's own account); the merge takes them from the side that set a state last.
 SHARED_FIELDS = ("state", "message", "error", "pid")
 WORKER_FIELDS = SHARED_FIELDS + ("step", "max_steps", "eta_s", "fallbacks", "baseline_eval_loss",
                                  "trainable_parameters", "total_parameters", "linear4bit_layers",
@@ -252,7 +252,7 @@ def run_lock(run_dir: Path):
 
 
 def _write_side(run_dir: Path, side: str, state: str | None, values: dict, allowed: tuple,
-                change=None) -> dict:
+                change=None) -> None:
     """Apply one writer's update to its own file; call with ``run_lock`` held."""
     if state is not None and state not in STATES:
         raise ValueError(f"unknown run state {state!r}")
@@ -273,10 +273,9 @@ def _write_side(run_dir: Path, side: str, state: str | None, values: dict, allow
         change(mine)
     mine["seq"], mine["updated_at"] = seq, now
     write_json_atomic(paths.status if side == "worker" else paths.launch, mine)
-    return mine
 
 
-def update_status(run_dir: Path, state: str | None = None, **values) -> RunStatus:
+def update_status(run_dir: Path, state: str | None = None, **values) -> None:
     """The worker's writer: its state, progress and messages, into status.json.
 
     Only the worker process calls this (tests call it to play a worker). A new ``state``
@@ -284,7 +283,6 @@ def update_status(run_dir: Path, state: str | None = None, **values) -> RunStatu
     """
     with run_lock(run_dir):
         _write_side(run_dir, "worker", state, values, WORKER_FIELDS)
-    return read_run_status(run_dir)
 
 
 def add_fallback(run_dir: Path, sentence: str) -> None:

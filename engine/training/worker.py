@@ -370,8 +370,6 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
         log(f"bitsandbytes Linear4bit layers: {n4}")
         update_status(run_dir, linear4bit_layers=n4)
 
-    if paths.stop_request.exists():
-        paths.stop_request.unlink()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     update_status(run_dir, train_runtime_s=result.metrics.get("train_runtime"),
                   tokens_seen=trainer.state.num_input_tokens_seen)
