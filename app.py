@@ -62,7 +62,7 @@ def main(argv=None) -> None:
 
     sampler = GpuSampler(interval_s=1.0)
     sampler.start()
-    jobs = JobManager(args.runs_dir, sampler=sampler).start()
+    jobs = JobManager(args.runs_dir).start()
     ctx = AppContext(runs_dir=args.runs_dir.resolve(), exports_dir=args.exports_dir.resolve(), jobs=jobs,
                      sampler=sampler, max_upload_mb=args.max_upload_mb)
     demo = build_app(ctx)

@@ -37,9 +37,9 @@ def test_refresh_lists_runs_with_an_adapter(app, demo_lora_run):
     run_update, exports_update = client.predict(api_name="/export_refresh")
     choices = [value for _, value in run_update["choices"]]
     assert demo_lora_run.name in choices and run_update["value"] in choices
-    from engine.export.exporter import has_adapter
+    from engine.training.rundir import RunPaths, has_adapter
 
-    assert all(has_adapter(demo_lora_run.parent / name) for name in choices)
+    assert all(has_adapter(RunPaths(demo_lora_run.parent / name).adapter) for name in choices)
 
 
 def test_export_verify_and_download_the_zip(app, demo_lora_run):

@@ -32,6 +32,7 @@ from engine.chat.sources import (
     LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
 )
 from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
+from engine.hub import resolve_model
 
 
 MAX_ADAPTERS = 8  # adapters are small, but a dashboard left open for days should not grow without bound
@@ -113,15 +114,6 @@ def clean_messages(messages) -> list[dict]:
     """Keep role and text of each message (drops UI metadata, flattens multi-part content)."""
     return [{"role": m.get("role"), "content": _flatten_content(m.get("content"))}
             for m in messages or [] if m.get("role") in ("system", "user", "assistant")]
-
-
-def _resolve_base_path(name: str) -> str:
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
-    from engine.hub import resolve_source
-
-    if name == DEMO_MODEL_NAME:
-        return str(ensure_demo_model(log=lambda *_: None))
-    return resolve_source(name, what="base model")
 
 
 def _stop_criteria(events):
@@ -239,7 +231,7 @@ class ChatModels:
     def load(self, source: AdapterSource) -> str:
         """Make ``source`` the active adapter, loading its base only if it is not the one in memory."""
         with self._lock:
-            base_path = _resolve_base_path(source.base_model)
+            base_path = resolve_model(source.base_model)
             plan = self._plan(source)
             key = (os.path.realpath(base_path) if os.path.exists(base_path) else base_path, source.revision,
                    source.quant, plan["device"])

@@ -29,7 +29,7 @@ import yaml
 from engine.config.choices import optimizer_names, scheduler_names
 from engine.data.formats import FORMATS
 from engine.errors import ConfigError
-from engine.names import valid_name
+from engine.names import name_problem
 
 METHODS = ("lora", "qlora", "lora8bit", "dora", "rslora", "full")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
@@ -413,8 +413,8 @@ class RunConfig:
             check(importlib.util.find_spec("bitsandbytes") is not None, "quant.load_in_4bit",
                   "4-bit and 8-bit loading require the bitsandbytes package: pip install bitsandbytes.")
         if self.name is not None:
-            check(isinstance(self.name, str) and valid_name(self.name), "name",
-                  f"may contain letters, digits, '-', '_' and '.', not start with '.', got {self.name!r}.")
+            problem = name_problem(self.name)
+            check(problem is None, "name", f"{problem}, got {self.name!r}.")
         return found
 
     def validate(self) -> RunConfig:

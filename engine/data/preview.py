@@ -19,7 +19,6 @@ missing, ``tokenizer(text=...)`` tokenizes, and every token is trained on.
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
@@ -76,9 +75,6 @@ class EncodedRow:
         return [t if m else IGNORE_INDEX for t, m in zip(self.input_ids[: self.kept], self.trained[: self.kept])]
 
 
-_tokenizer_lock = threading.Lock()
-
-
 def load_tokenizer(model: str = "demo", fresh: bool = False):
     """The tokenizer of ``model``: ``demo``, a local folder, or a hub id (fails fast offline).
 
@@ -86,16 +82,9 @@ def load_tokenizer(model: str = "demo", fresh: bool = False):
     a private instance: a fast tokenizer must not be used from two threads at once (its
     Rust state is borrowed mutably), so a background pass gets its own.
     """
-    model = (model or "").strip() or "demo"
-    if model == "demo":
-        from engine.demo import ensure_demo_model
+    from engine.hub import resolve_model
 
-        with _tokenizer_lock:  # the first call may build the demo model; do it once
-            path = str(ensure_demo_model(log=lambda *_: None))
-    else:
-        from engine.hub import resolve_source
-
-        path = resolve_source(model, what="model", repo_type="model")
+    path = resolve_model((model or "").strip() or "demo", what="model")
     if fresh:
         return _read_tokenizer(path)
     stamp = Path(path).stat().st_mtime if Path(path).exists() else 0.0

@@ -30,11 +30,11 @@ from typing import Callable
 
 from engine.training import rundir
 from engine.errors import LoraLabError, RunError
+from engine.names import check_name
 
 KINDS = ("adapter", "merged")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
 SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*(KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
 SPACE_MARGIN = 1.05  # headroom on free-space checks: file system metadata, tokenizer, card
 MIN_SHARD_BYTES = 10**6
@@ -67,22 +67,10 @@ def _no_progress(fraction: float, message: str) -> None:
 # ----------------------------------------------------------------------------- names and places
 def safe_export_dir(exports_dir: Path, name: str) -> Path:
     """The folder for export ``name``; anything that could leave ``exports_dir`` is refused."""
-    name = name if isinstance(name, str) else ""
-    reason = None
-    if not name.strip():
-        reason = "it is empty"
-    elif ".." in name:
-        reason = "it contains '..'"
-    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        reason = "it contains a path separator"
-    elif Path(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
-        reason = "it is an absolute path"
-    elif name.lower().endswith(".zip"):
-        reason = "it ends in .zip (the download of an export is named <name>.zip)"
-    elif not NAME_PATTERN.match(name):
-        reason = "only letters, digits, '-', '_' and '.' are allowed, up to 100 characters, not starting with '.'"
-    if reason:
-        raise ExportError(f"'{name}' is not a valid export name: {reason}.")
+    name = check_name(name if isinstance(name, str) else "", "export", ExportError)
+    if name.lower().endswith(".zip"):
+        raise ExportError(f"'{name}' is not a valid export name: it ends in .zip (the download of an export is "
+                          "named <name>.zip).")
     root = Path(exports_dir).resolve()
     target = (root / name).resolve()
     if target.parent != root:  # a symlink planted in the exports folder, say
@@ -131,12 +119,6 @@ def folder_size(folder: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the run side
-def has_adapter(run_dir: Path) -> bool:
-    adapter = rundir.RunPaths(Path(run_dir)).adapter
-    return (adapter / "adapter_config.json").is_file() and any(
-        (adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin"))
-
-
 def adapter_missing_reason(run_dir: Path) -> str:
     """Why a run has nothing to export, in words a person can act on."""
     run_dir = Path(run_dir)
@@ -155,7 +137,7 @@ def adapter_missing_reason(run_dir: Path) -> str:
 
 def exportable_runs(runs_dir: Path) -> list[str]:
     """Names of runs that have an adapter, newest first (the Export tab's dropdown)."""
-    return [summary.name for summary in rundir.list_runs(runs_dir) if has_adapter(summary.path)]
+    return [summary.name for summary in rundir.list_runs(runs_dir) if summary.has_adapter]
 
 
 def _win_rate(run_dir: Path) -> dict:
@@ -175,22 +157,20 @@ def resolve_base(run_dir: Path, config, lineage: dict, progress: Progress) -> tu
     a different base would ship a model nobody trained, under a card that names another.
     A hub base is pinned to the commit recorded at training.
     """
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
-    from engine.hub import resolve_source
+    from engine.demo import DEMO_MODEL_NAME
+    from engine.hub import resolve_model
     from engine.lineage import folder_content_hash
 
     record = dict(lineage.get("base_model") or {"name_or_path": config.model.name_or_path})
     name = record.get("name_or_path") or config.model.name_or_path
     resolved = record.get("resolved")
     kwargs = {"trust_remote_code": config.model.trust_remote_code}
-    if name == DEMO_MODEL_NAME:
-        path = str(ensure_demo_model(log=lambda message: progress(0.02, message)))
-    elif resolved and Path(resolved).is_dir():
-        path = resolved
+    if name != DEMO_MODEL_NAME and resolved and Path(resolved).is_dir():
+        path = resolved  # the folder training loaded, checked against its hash below
     else:
-        path = resolve_source(name, what="base model")
+        path = resolve_model(name, log=lambda message: progress(0.02, message))
         revision = record.get("commit") or config.model.revision
-        if revision:
+        if revision and name != DEMO_MODEL_NAME:
             kwargs["revision"] = revision
     if Path(path).is_dir() and record.get("content_sha256"):
         progress(0.03, "Checking that the base model is the one the run was trained on (hashing its files).")
@@ -281,7 +261,7 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
     shard_size = parse_shard_size(max_shard_size) if kind == "merged" else None
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run folder (it has no config.yaml).")
-    if not has_adapter(run_dir):
+    if not rundir.has_adapter(rundir.RunPaths(run_dir).adapter):
         raise ExportError(adapter_missing_reason(run_dir))
     state = rundir.read_status(run_dir).get("state")
     if state in rundir.ACTIVE_STATES:
