@@ -77,6 +77,10 @@ class EncodedRow:
 
 
 _tokenizer_lock = threading.Lock()
+# A cached tokenizer (``load_tokenizer(fresh=False)``) is shared by every caller, and a fast
+# tokenizer must not encode from two threads at once: hold this while using one. Previews
+# encode a handful of rows, so taking turns is cheap; long passes load a fresh one instead.
+SHARED_TOKENIZER_USE = threading.Lock()
 
 
 def load_tokenizer(model: str = "demo", fresh: bool = False):
