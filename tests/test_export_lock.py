@@ -86,6 +86,23 @@ def test_export_run_and_the_cli_are_refused_before_loading_anything(tmp_path):
     assert list(exports.iterdir()) == []  # no staging folder, no export, and the released lock's file is gone
 
 
+def test_the_export_tab_handler_says_not_started_while_busy(tmp_path):
+    """``ui.export_tab.do_export`` called directly, as the tab wires it: the refusal is a sentence, not an error."""
+    from ui import export_tab
+    from ui.context import AppContext
+
+    run_dir = fake_finished_run(tmp_path / "runs")
+    ctx = AppContext(runs_dir=run_dir.parent, exports_dir=tmp_path / "exports")
+    with ExportLockHolder(ctx.exports_dir) as holder:
+        status, update = export_tab.do_export(ctx, run_dir.name, "Merged model (standalone)", "bf16", "2GB", "", False)
+        assert status.startswith("**Export not started:** Another export is running")
+        assert f"by process {holder.process.pid}" in status and update == {"__type__": "update"}
+    status, _ = export_tab.do_export(ctx, "", "Adapter package (PEFT)", "bf16", "2GB", "", False)
+    assert status.startswith("**Export failed:** choose a run")
+    runs, exports = export_tab.refresh_lists(ctx)
+    assert runs["choices"] == [run_dir.name] and exports["choices"] == []
+
+
 CONTEND = """
 import os, sys, time
 from engine.export.lock import ExportBusyError, export_lock
