@@ -22,7 +22,7 @@ from tests.conftest import PROJECT_ROOT, ExportLockHolder
 
 def fake_finished_run(runs_dir: Path) -> Path:
     """A run folder that passes every check before the lock (adapter files present, not active)."""
-    from engine.config.schema import load_preset
+    from engine.config import load_preset
     from engine.training.rundir import RunPaths, create_run
 
     run_dir = create_run(runs_dir, load_preset("demo-lora"), name="finished")
