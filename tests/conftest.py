@@ -7,7 +7,6 @@ whole suite stays well under 20 minutes on 2 cores.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -38,8 +37,8 @@ def session_runs_dir(tmp_path_factory) -> Path:
 def run_preset_to_end(runs_dir: Path, preset: str, overrides: list[str] = (), name: str | None = None,
                       timeout: float = 600) -> Path:
     """Train through the real worker process, exactly as the dashboard does; return the run dir."""
-    from engine.training import rundir
     from engine.config import load_preset
+    from engine.training import rundir
     from engine.training.jobs import spawn_worker
 
     config = load_preset(preset, list(overrides)).validate()

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.training import rundir
 from engine.config import load_preset
+from engine.training import rundir
 from engine.training.jobs import wait_for_state
 from tests.conftest import PROJECT_ROOT
 

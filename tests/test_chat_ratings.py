@@ -13,7 +13,14 @@ import pytest
 
 from engine.chat.models import Sampling, StopSignals
 from engine.chat.ratings import (
-    BASE, FINETUNED, BlindSession, blind, format_win_rate_cell, read_ratings, win_rate, win_rate_record,
+    BASE,
+    FINETUNED,
+    BlindSession,
+    blind,
+    format_win_rate_cell,
+    read_ratings,
+    win_rate,
+    win_rate_record,
 )
 from engine.errors import ConfigError, RunError
 

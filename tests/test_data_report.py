@@ -10,9 +10,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.data.report import StatsJob, StatsJobs, inspect_dataset  # noqa: E402
-
+from engine.data.report import StatsJob, StatsJobs, inspect_dataset
 from tests.data import tiny_tokenizer
+
 DATA = Path(__file__).parent / "data"
 
 

@@ -12,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.data import tiny_tokenizer
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -181,7 +182,8 @@ def test_statistics_handlers_are_plain_functions_of_the_app_context(tmp_path, to
 
     other = AppContext(runs_dir=tmp_path / "runs", exports_dir=tmp_path / "exports")
     assert data_tab.poll_stats(other, second)[0] == "No statistics running."  # no state shared through the module
-    assert data_tab.stop_stats(ctx, second) == "Stopping…" and data_tab.stop_stats(ctx, None) == "No statistics running."
+    assert data_tab.stop_stats(ctx, second) == "Stopping…"
+    assert data_tab.stop_stats(ctx, None) == "No statistics running."
 
     capped = AppContext(runs_dir=tmp_path / "runs", exports_dir=tmp_path / "exports", max_upload_mb=0.01)
     job_id, text, timer = data_tab.start_stats(capped, None, "demo", str(big), *settings)

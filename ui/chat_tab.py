@@ -12,8 +12,17 @@ from __future__ import annotations
 import gradio as gr
 
 from engine.chat import (
-    LATEST, BlindSession, ChatModels, Sampling, adapter_options, clean_messages, held_out_prompts,
-    prompts_from_file, prompts_from_lines, resolve_adapter, with_system_prompt,
+    LATEST,
+    BlindSession,
+    ChatModels,
+    Sampling,
+    adapter_options,
+    clean_messages,
+    held_out_prompts,
+    prompts_from_file,
+    prompts_from_lines,
+    resolve_adapter,
+    with_system_prompt,
 )
 from engine.chat.ratings import describe_win_rate, win_rate
 from engine.errors import LoraLabError

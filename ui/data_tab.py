@@ -74,7 +74,7 @@ def load_preview(ctx: AppContext, source, upload, split, fmt, columns, skip_bad,
         loaded = load_dataset_rows(
             path, fmt or "auto", columns or None, bool(skip_bad), split or "train", limit=PREVIEW_ROWS, keep_raw=True
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - shown as a sentence, never a stack trace
         return _error_text(exc), None, 1, [], [], "", 1
     detected = "detected" if (fmt or "auto") == "auto" else "chosen"
     more = (
@@ -105,7 +105,7 @@ def _tokenizer_for(preview: dict):
     try:
         tokenizer = load_tokenizer(preview["model"])
         return tokenizer, training_template(tokenizer), ""
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the preview still shows the rows without a tokenizer
         return None, None, _error_text(exc)
 
 
@@ -126,7 +126,7 @@ def _page_table(preview: dict | None, page: int) -> list[list]:
                 with SHARED_TOKENIZER_USE:
                     encoded = encode_row(tokenizer, loaded.rows[index], template, max_length)
                 tokens, trained, truncated = encoded.length, encoded.trained_tokens, "yes" if encoded.truncated else ""
-            except Exception:
+            except Exception:  # noqa: BLE001 - one row that cannot be encoded does not hide the page
                 tokens = "?"
         raw = loaded.raw[index] if loaded.raw is not None else loaded.rows[index]
         table.append([index + 1, loaded.numbers[index], _raw_text(raw), tokens, trained, truncated])
@@ -151,7 +151,7 @@ def _render(preview: dict | None, row_number) -> tuple[list, str]:
         with SHARED_TOKENIZER_USE:
             encoded = encode_row(tokenizer, loaded.rows[index], template, max_length)
             segments = render_segments(tokenizer, encoded)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - shown as a sentence, never a stack trace
         return [], _error_text(exc)
     origin = {"tokenizer": "the tokenizer's own", "trl training template": "TRL's training version of the tokenizer's"}
     info = [
@@ -202,7 +202,7 @@ def start_stats(
     ctx.stats_jobs.cancel(old_job)  # one pass per session: a new one replaces it
     try:
         path = _source_of(source, upload, ctx.max_upload_mb)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - shown as a sentence, never a stack trace
         return None, _error_text(exc), gr.Timer(active=False)
     job_id = ctx.stats_jobs.start(
         source=path,
@@ -326,7 +326,7 @@ def _starting_values() -> dict:
             batch=config.train.per_device_train_batch_size, accumulation=config.train.gradient_accumulation_steps,
             eval_fraction=config.data.eval_fraction, seed=config.train.seed,
         )
-    except Exception:  # the tab still works with its own defaults
+    except Exception:  # noqa: BLE001 - the tab still works with its own defaults
         pass
     return values
 

@@ -1,12 +1,23 @@
 """Chat with a fine-tuned adapter beside its base on one copy of the base, prompt sets, blind ratings."""
 
 from engine.chat.models import (
-    SIDES, ChatModels, Comparison, Sampling, StopSignals, clean_messages, with_system_prompt,
+    SIDES,
+    ChatModels,
+    Comparison,
+    Sampling,
+    StopSignals,
+    clean_messages,
+    with_system_prompt,
 )
 from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines, token_f1
 from engine.chat.ratings import BASE, FINETUNED, BlindSession, RatingView, format_win_rate_cell, win_rate
 from engine.chat.sources import (
-    LATEST, AdapterSource, adapter_options, resolve_adapter, source_for_folder, source_for_run,
+    LATEST,
+    AdapterSource,
+    adapter_options,
+    resolve_adapter,
+    source_for_folder,
+    source_for_run,
 )
 
 __all__ = [

@@ -26,13 +26,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines, token_f1
-from engine.chat.ratings import BASE, FINETUNED, win_rate
+from engine.chat.prompts import PromptItem, token_f1
+from engine.chat.ratings import BASE, FINETUNED
 from engine.chat.sources import (
-    LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
+    AdapterSource,
+    adapter_weights_time,
 )
 from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
-
 
 MAX_ADAPTERS = 8  # adapters are small, but a dashboard left open for days should not grow without bound
 SIDES = (BASE, FINETUNED)
@@ -53,7 +53,7 @@ class Sampling:
     greedy: bool = False
     min_new_tokens: int = 0  # benchmarks force a fixed length; the UI leaves it at 0
 
-    def validated(self) -> "Sampling":
+    def validated(self) -> Sampling:
         """Self, or a ``ConfigError`` naming the field and its allowed range.
 
         ``GenerationConfig.validate(strict=True)`` checks what transformers checks on its own
@@ -489,13 +489,13 @@ class ChatModels:
 
         def work():
             with self._lock:
-                for position, side in enumerate(SIDES):
+                for side in SIDES:
                     if stop.is_set() or abandoned.is_set() or errors:
                         streamers[side].end()
                         continue
                     try:
                         self._generate(side, prompts[side], sampling, [stop, abandoned], streamers[side])
-                    except BaseException as error:  # re-raised in the caller's thread below
+                    except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
                         errors.append(error)
                         streamers[side].end()
 
@@ -527,7 +527,7 @@ class ChatModels:
                 answers = {side: self.answer(messages, side, sampling, stop) for side in SIDES}
             except LoraLabError:
                 raise
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - explained as a sentence (out of memory, template, ...)
                 raise _explain_generation_error(error) from None
             if stop.is_set():
                 return  # a half-finished pair would be an unfair comparison

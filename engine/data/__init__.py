@@ -4,7 +4,13 @@ previewing the loss mask as TRL computes it, and token statistics.
 
 from engine.data.formats import FORMAT_CHOICES, FORMATS
 from engine.data.load import (
-    DEMO_SOURCE, DatasetStream, LoadedDataset, load_dataset_rows, open_dataset, parse_column_map, split_rows,
+    DEMO_SOURCE,
+    DatasetStream,
+    LoadedDataset,
+    load_dataset_rows,
+    open_dataset,
+    parse_column_map,
+    split_rows,
 )
 
 __all__ = [

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data.formats import FORMAT_CHOICES, RowError, WEIGHT_NOTE, detect_format, normalise_record
+from engine.data.formats import FORMAT_CHOICES, WEIGHT_NOTE, RowError, detect_format, normalise_record
 from engine.data.read import RecordReader, file_sha256, hub_revision, open_file_records
 from engine.errors import ConfigError, DataError, LoraLabError
 

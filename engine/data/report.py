@@ -253,7 +253,7 @@ class StatsJob:
                 self.progress = 1.0 if report.complete else self.progress
         except LoraLabError as exc:
             self.error, self.state = str(exc), "error"
-        except Exception as exc:  # a bug, but the dashboard must live: report it as a sentence
+        except Exception as exc:  # noqa: BLE001 - a bug, but the dashboard must live: report it as a sentence
             self.error, self.state = f"Statistics failed unexpectedly ({type(exc).__name__}: {exc}).", "error"
         finally:
             self.finished = time.time()

@@ -23,14 +23,14 @@ import shutil
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
-from engine.training import rundir
 from engine.chat.ratings import win_rate_record
 from engine.errors import RunError
 from engine.export.lock import export_lock
+from engine.training import rundir
 
 KINDS = ("adapter", "merged")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
