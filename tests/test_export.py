@@ -327,6 +327,7 @@ def test_shard_sizes_are_read_by_transformers_and_handed_on_as_bytes():
 
     assert parse_shard_size("2GB") == 2 * 10**9 and parse_shard_size(" 500 MB ") == 500 * 10**6
     assert parse_shard_size("5GiB") == 5 * 2**30 and parse_shard_size("1MiB") == 2**20
+    assert parse_shard_size("2gb") == 2 * 10**9 and parse_shard_size("5gib") == 5 * 2**30  # units in any case
     with pytest.raises(ValueError, match="not supported"):
         parse_size_to_int("5GiB")  # why the text must not reach save_pretrained
 

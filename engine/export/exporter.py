@@ -109,12 +109,12 @@ def parse_shard_size(size: str) -> int:
     """'2GB', '500 MB', '1GiB' -> bytes, by transformers' own parser, refused in words below 1 MB.
 
     The bytes (not the text) go to ``save_pretrained``: in transformers 5 it hands a text size
-    to huggingface_hub's parser, which knows no GiB/MiB. transformers' parser reads a lowercase
-    'b' as bits ('2Gb' is 250 MB), as transformers does everywhere.
+    to huggingface_hub's parser, which knows no GiB/MiB. Units are read case-insensitively, as
+    this field always has: transformers would read a lowercase 'b' as bits ('2gb' as 250 MB).
     """
     from transformers.utils.hub import convert_file_size_to_int
 
-    text = str(size or "").strip()
+    text = str(size or "").strip().upper()
     try:
         number = convert_file_size_to_int(text)
     except ValueError:
