@@ -55,8 +55,8 @@ def main(argv=None) -> None:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     args.exports_dir.mkdir(parents=True, exist_ok=True)
 
-    from engine.training.sampler import GpuSampler
     from engine.training.jobs import JobManager
+    from engine.training.sampler import GpuSampler
     from ui.context import AppContext
     from ui.layout import CSS, build_app
 

@@ -93,3 +93,17 @@ def test_errors_are_sentences(app, tmp_path):
     zip_status, _ = client.predict("never-exported", api_name="/export_zip")
     assert "There is no finished export named 'never-exported'" in zip_status
 
+
+
+def test_a_second_export_is_refused_while_another_process_exports(app, demo_lora_run):
+    """The tab obeys the engine's lock, which ``python -m engine export`` in another process holds here."""
+    from tests.conftest import ExportLockHolder
+
+    client, ctx = app
+    with ExportLockHolder(ctx.exports_dir) as holder:
+        status, _ = client.predict(demo_lora_run.name, "Adapter package (PEFT)", "bf16", "2GB", "while-busy", False,
+                                   api_name="/export_run")
+        assert status.startswith("**Export not started:** Another export is running"), status
+        assert f"by process {holder.process.pid}" in status and "Traceback" not in status
+        holder.release()
+    assert not (ctx.exports_dir / "while-busy").exists()

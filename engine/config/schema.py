@@ -27,14 +27,13 @@ from typing import Any, Callable
 import yaml
 
 from engine.config.choices import optimizer_names, scheduler_names
-from engine.data.formats import FORMATS
+from engine.data.formats import FORMAT_CHOICES
 from engine.errors import ConfigError
 from engine.names import name_problem
 
 METHODS = ("lora", "qlora", "lora8bit", "dora", "rslora", "full")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-DATA_FORMATS = ("auto", *FORMATS)
 ALL_LINEAR = "all-linear"
 
 
@@ -160,7 +159,7 @@ class ModelSection:
 class DataSection:
     path: str = spec("demo", "Training data: 'demo', a JSONL/JSON/CSV/Parquet file, or a hub dataset id.", "Dataset",
                      rule="must name a dataset ('demo', a file or a hub id)")
-    format: str = spec("auto", f"{', '.join(DATA_FORMATS)}.", "Dataset format", choices_from=DATA_FORMATS)
+    format: str = spec("auto", f"{', '.join(FORMAT_CHOICES)}.", "Dataset format", choices_from=FORMAT_CHOICES)
     eval_path: str | None = spec(None, "A separate held-out file; when empty, eval_fraction of the data is held out.",
                                  "Eval file (optional)", kind="str", optional=True)
     eval_fraction: float = spec(0.1, "Share of rows held out for evaluation when eval_path is empty (0 disables eval).",
