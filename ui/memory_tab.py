@@ -335,7 +335,8 @@ def measurement_figure(result: dict) -> go.Figure:
     headline = (result.get("summary") or [""])[0]
     fig.update_layout(barmode="stack", yaxis_title=f"GiB ({unit})", legend_title="at the peak",
                       margin={"l": 50, "r": 20, "t": 60, "b": 60}, uirevision="memory-measured",
-                      title={"text": f"{result.get('model')}: measured beside predicted<br><sup>{headline}</sup>"})
+                      title={"text": f"{result.get('model_name') or result.get('model')}: measured beside predicted"
+                                     f"<br><sup>{headline}</sup>"})
     return fig
 
 
@@ -348,15 +349,20 @@ def measurement_markdown(result: dict) -> str:
     s = result.get("settings") or {}
     first = next(iter(result.get("methods", {}).values()), {})
     shape = (first.get("measured") or {}).get("batch_shape") or [s.get("batch_size"), s.get("seq_len")]
-    lines = [" ".join(f"**{sentence}**" if i == 0 else sentence for i, sentence in enumerate(result.get("summary", []))),
+    summary = result.get("summary", [])
+    lines = [" ".join(f"**{sentence}**" if i == 0 else sentence for i, sentence in enumerate(summary)),
              "",
-             f"{result.get('model')} ({(result.get('parameters') or 0) / 1e6:.0f} M parameters) on "
+             f"{result.get('model_name') or result.get('model')} ({(result.get('parameters') or 0) / 1e6:.0f} M "
+             f"parameters) on "
              f"{result.get('device')}, {result.get('steps')} steps of batch {shape[0]} x {shape[1]} tokens, "
-             f"rank {s.get('rank')}, {s.get('optimizer')}, checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}; "
+             f"rank {s.get('rank')}, {s.get('optimizer')}, "
+             f"checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}; "
              f"took {result.get('wall_s') or 0:.0f} s. Saved as `{result.get('id')}`."]
     notes = sorted({n for m in result.get("methods", {}).values() for n in m.get("fallbacks", [])})
     if notes:
         lines += ["", "Machine notes: " + " ".join(notes)]
+    lines += ["", "Groups at the peak: *weights* of the base model; *trainable state*: adapters, gradients and "
+                  "optimizer states; *activations*: what forward and backward keep, and temporaries."]
     if result.get("device") != "cuda":
         lines += ["", "*Measured* is the peak of live tensors (every tensor torch created, rounded to 512 bytes as "
                       "the CUDA allocator does), split by what was alive at that moment. The diamond is the worker's "
@@ -542,7 +548,7 @@ def build(ctx) -> None:
     from engine.measurements import DEFAULT_MODEL
     from engine.measurements.measure import TABLE_HEADERS
 
-    with gr.Accordion("Measured here: full vs LoRA vs QLoRA", open=True):
+    with gr.Accordion("Measured here: full vs LoRA vs QLoRA", open=True, elem_id="loralab-measured"):
         gr.Markdown(MEASURE_INTRO)
         with gr.Row():
             measure_model = gr.Dropdown([DEFAULT_MODEL, *[c for c in catalog_ids() if c != DEFAULT_MODEL], "demo"],
@@ -551,13 +557,14 @@ def build(ctx) -> None:
             measure_batch = gr.Number(1, label="batch size", precision=0, minimum=1)
             measure_seq_len = gr.Number(48, label="sequence length", precision=0, minimum=8)
             measure_steps = gr.Number(2, label="steps per method", precision=0, minimum=1, maximum=50)
-        measure_button = gr.Button("Measure full, LoRA and QLoRA here", variant="primary")
-        measure_status = gr.Markdown()
-        measured_plot = gr.Plot(label="Measured beside predicted")
+        measure_button = gr.Button("Measure full, LoRA and QLoRA here", variant="primary", elem_id="loralab-measure")
+        measure_status = gr.Markdown(elem_id="loralab-measure-status")
+        measured_plot = gr.Plot(label="Measured beside predicted", elem_id="loralab-measured-plot")
         measured_table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True,
-                                      label="Per method, group by group")
+                                      label="Per method, group by group", elem_id="loralab-measured-table")
         with gr.Row():
-            saved = gr.Dropdown([], label="Saved measurements", allow_custom_value=False)
+            saved = gr.Dropdown([], label="Saved measurements", allow_custom_value=False,
+                                elem_id="loralab-saved-measurements")
             saved_refresh = gr.Button("Refresh", size="sm")
         loader = gr.Timer(0.2, active=True)  # once per page load: list the saved measurements, show the newest
 

@@ -247,7 +247,8 @@ def prepare_model(model: str, arch: ModelArch, log: Callable[[str], None] = prin
     if need > free:
         raise LoraLabError(f"Building a random-weight {catalog_id} needs {format_gib(need)} of disk for its bf16 "
                            f"weights, but {format_gib(free)} is free under {random_models_dir().parent}.")
-    log(f"Building a random-weight {catalog_id} ({arch.total_params / 1e6:.0f} M parameters, once; cached in {folder}).")
+    log(f"Building a random-weight {catalog_id} ({arch.total_params / 1e6:.0f} M parameters; once, cached in "
+        f"{folder}).")
     done = subprocess.run([sys.executable, "-m", "engine.memory.random_model", catalog_id], capture_output=True,
                           text=True, timeout=timeout_s, cwd=Path(__file__).resolve().parents[2])
     if done.returncode != 0:
@@ -355,10 +356,12 @@ def build_result(folder: Path) -> dict:
     for method in request.get("methods", []):
         run_dir = Path(folder) / method
         methods[method] = method_result(run_dir, method, arch)
+    model = request.get("model") or ""
     result = {
         "version": RESULT_VERSION,
         "id": Path(folder).name,
-        "model": request.get("model"),
+        "model": model,
+        "model_name": arch.name if arch else Path(model).name,
         "model_path": request.get("model_path"),
         "parameters": arch.total_params if arch else None,
         "settings": request.get("settings"),
@@ -448,7 +451,8 @@ def ratios(methods: dict) -> dict:
                                "full_over_qlora": ("full", "qlora")}.items():
         if big in methods and small in methods:
             out[name] = {
-                "peak": {"measured": _ratio(figure(big, "measured", "peak_bytes"), figure(small, "measured", "peak_bytes")),
+                "peak": {"measured": _ratio(figure(big, "measured", "peak_bytes"),
+                                            figure(small, "measured", "peak_bytes")),
                          "predicted": _ratio(figure(big, "predicted", "peak_bytes"),
                                              figure(small, "predicted", "peak_bytes"))},
                 "weights": {"measured": _ratio(figure(big, "measured", "weights_bytes"),
@@ -556,10 +560,10 @@ def measurement_table(result: dict) -> list[list]:
     return rows
 
 
-TABLE_HEADERS = ["method", "weights: predicted", "weights: measured", "adapters+grads+optimizer: predicted",
-                 "adapters+grads+optimizer: measured", "activations+temporaries: predicted",
-                 "activations+temporaries: measured", "peak: predicted", "peak: measured", "error",
-                 "peak RSS minus baseline"]
+# "trainable state": adapters, gradients and optimizer states; "activations": activations and temporaries.
+TABLE_HEADERS = ["method", "weights pred.", "weights meas.", "trainable state pred.", "trainable state meas.",
+                 "activations pred.", "activations meas.", "peak pred.", "peak meas.", "peak error",
+                 "peak RSS − baseline"]
 
 
 def _error(predicted, measured) -> str:
@@ -570,7 +574,7 @@ def _error(predicted, measured) -> str:
 
 def format_result(result: dict) -> str:
     """The measurement as text (the CLI's output)."""
-    lines = [f"measurement {result.get('id')}: {result.get('model')} "
+    lines = [f"measurement {result.get('id')}: {result.get('model_name') or result.get('model')} "
              f"({(result.get('parameters') or 0) / 1e6:.0f} M parameters) on {result.get('device')}, "
              f"{result.get('steps')} steps, state {result.get('state', 'complete')}"]
     if result.get("wall_s"):

@@ -10,7 +10,13 @@ from dataclasses import replace
 from engine.errors import ConfigError, LoraLabError
 from engine.memory.arch import arch_from_numbers, catalog_ids, load_arch
 from engine.memory.estimator import (
-    ATTENTION, GPUS, MemorySettings, estimate, fits_on_gpus, format_table, max_batch_or_seq_that_fits,
+    ATTENTION,
+    GPUS,
+    MemorySettings,
+    estimate,
+    fits_on_gpus,
+    format_table,
+    max_batch_or_seq_that_fits,
 )
 
 
@@ -46,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 def settings_from_args(args: argparse.Namespace, defaults: MemorySettings | None = None) -> MemorySettings:
     """The command line's settings; what it does not give comes from ``defaults``."""
     d = defaults or MemorySettings()
-    given = lambda value, default: default if value is None else value  # noqa: E731
+    given = lambda value, default: default if value is None else value
     rank = given(args.rank, d.rank)
     targets = given(args.targets, d.targets)
     if isinstance(targets, str) and targets != "all-linear":

@@ -44,7 +44,8 @@ def hf_config(arch: ModelArch, attn: str = "sdpa", **overrides):
     """A transformers config object for ``arch`` (random weights are built from it)."""
     from transformers import AutoConfig
 
-    config = {k: v for k, v in arch.config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
+    config = {k: v for k, v in arch.config.items()
+              if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
     config.update(overrides)
     model_type = config.pop("model_type", arch.model_type)
     cfg = AutoConfig.for_model(model_type, **config)
