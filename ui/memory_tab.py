@@ -357,7 +357,8 @@ def measurement_markdown(result: dict) -> str:
              f"{result.get('device')}, {result.get('steps')} steps of batch {shape[0]} x {shape[1]} tokens, "
              f"rank {s.get('rank')}, {s.get('optimizer')}, "
              f"checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}; "
-             f"took {result.get('wall_s') or 0:.0f} s. Saved as `{result.get('id')}`."]
+             f"took {result.get('wall_s') or 0:.0f} s ({result.get('cpu_seconds') or 0:.0f} CPU-seconds in the "
+             f"three workers). Saved as `{result.get('id')}`."]
     notes = sorted({n for m in result.get("methods", {}).values() for n in m.get("fallbacks", [])})
     if notes:
         lines += ["", "Machine notes: " + " ".join(notes)]
@@ -366,8 +367,9 @@ def measurement_markdown(result: dict) -> str:
     if result.get("device") != "cuda":
         lines += ["", "*Measured* is the peak of live tensors (every tensor torch created, rounded to 512 bytes as "
                       "the CUDA allocator does), split by what was alive at that moment. The diamond is the worker's "
-                      "peak resident memory minus its baseline before the weights loaded: the operating system's "
-                      "view, including allocator caches and library buffers."]
+                      "peak resident memory while training minus its baseline before the weights loaded (freed heap "
+                      "handed back to the OS first): the operating system's view, with allocator caches and library "
+                      "buffers."]
     return "\n".join(lines)
 
 

@@ -26,6 +26,7 @@ in a sentence naming both numbers, when it exceeds the memory this machine has a
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -34,6 +35,8 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+
+import psutil
 
 from engine.config import RunConfig
 from engine.errors import ConfigError, LoraLabError, RunError
@@ -296,7 +299,7 @@ def run_measurement(request: MeasureRequest, runs_dir: Path, progress: Callable[
             "version": RESULT_VERSION, "model": request.model, "model_path": model_path,
             "settings": asdict(request.settings), "methods": list(request.methods), "steps": request.steps,
             "device": device, "available_bytes": available, "available_source": source,
-            "preflight_bytes": predicted_need, "created_at": started})
+            "preflight_bytes": predicted_need, "created_at": started, "pid": os.getpid()})
         jobs = JobManager(folder, recover=False)
         run_dirs = {m: jobs.submit(run_config_for(model_path, request.settings, m, request.steps), name=m)
                     for m in request.methods}
@@ -306,6 +309,8 @@ def run_measurement(request: MeasureRequest, runs_dir: Path, progress: Callable[
             shutil.rmtree(rundir.RunPaths(run_dir).adapter, ignore_errors=True)
             shutil.rmtree(rundir.RunPaths(run_dir).checkpoints, ignore_errors=True)
         result["wall_s"] = round(time.time() - started, 1)
+        result["cpu_seconds"] = round(sum((m.get("measured") or {}).get("cpu_seconds") or 0
+                                          for m in result["methods"].values()), 1)
         rundir.write_json_atomic(folder / RESULT_FILE, result)
         progress(" ".join(result["summary"]))
         return result
@@ -411,6 +416,8 @@ def method_result(run_dir: Path, method: str, arch: ModelArch | None) -> dict:
             "rss_source": rss.get("source"),
             "cuda": cuda or None,
             "batch_shape": probe.get("batch_shape"),
+            "cpu_seconds": probe.get("cpu_seconds"),
+            "wall_seconds": _minus(status.get("ended_at"), status.get("worker_started_at")),
         }
         nvml, source = rundir.peak_memory(rundir.read_gpu_samples(run_dir))
         if nvml and source == "nvml":
@@ -512,10 +519,11 @@ def read_measurement(folder: Path) -> dict:
     if not request:
         raise RunError(f"{folder} is not a measurement (no {REQUEST_FILE}).")
     states = {m: rundir.read_status(folder / m).get("state") for m in request.get("methods", [])}
-    running = any(state in rundir.ACTIVE_STATES or state == "queued" for state in states.values())
-    return {"id": folder.name, "model": request.get("model"), "created_at": request.get("created_at"),
-            "state": "running" if running and time.time() - (request.get("created_at") or 0) < 4 * 3600
-            else "incomplete", "runs": states, "methods": {}, "summary": [], "settings": request.get("settings")}
+    # Running while the process that measures is alive; after a restart it never finishes: incomplete.
+    running = bool(request.get("pid")) and psutil.pid_exists(request["pid"])
+    return {"id": folder.name, "model": request.get("model"), "model_name": Path(request.get("model") or "").name,
+            "created_at": request.get("created_at"), "state": "running" if running else "incomplete",
+            "runs": states, "methods": {}, "summary": [], "settings": request.get("settings")}
 
 
 def resolve_measurement(runs_dir: Path, name: str) -> Path:
@@ -578,7 +586,7 @@ def format_result(result: dict) -> str:
              f"({(result.get('parameters') or 0) / 1e6:.0f} M parameters) on {result.get('device')}, "
              f"{result.get('steps')} steps, state {result.get('state', 'complete')}"]
     if result.get("wall_s"):
-        lines[0] += f", {result['wall_s']:.0f} s"
+        lines[0] += f", {result['wall_s']:.0f} s ({result.get('cpu_seconds') or 0:.0f} CPU-seconds in the workers)"
     widths = [26, 11, 11, 11, 11, 11, 11, 11, 11, 7, 11]
     short = ["method", "w pred", "w meas", "a+g+o pred", "a+g+o meas", "act pred", "act meas", "peak pred",
              "peak meas", "error", "RSS-base"]

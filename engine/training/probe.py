@@ -6,7 +6,9 @@ writes ``memory_probe.json`` to the run directory:
 
 * ``rss``: the process's resident memory before the weights load (its baseline), after
   they loaded, and the peaks while loading and while training (Linux resets the
-  high-water mark through ``/proc/self/clear_refs``; elsewhere a thread samples it);
+  high-water mark through ``/proc/self/clear_refs``; elsewhere a thread samples it). Freed
+  heap is handed back to the OS (``malloc_trim``) before the baseline and after loading, so
+  RSS counts what the process holds rather than what loading once needed;
 * ``tensors``: bytes of the base weights, the adapters, all gradients (at the optimizer
   step) and the optimizer states, read from the tensors themselves;
 * ``live``: the live-tensor peak while training (:class:`~engine.memory.live.LiveBytesTracker`),
@@ -45,6 +47,22 @@ def current_rss() -> int:
     import psutil
 
     return psutil.Process().memory_info().rss
+
+
+def return_free_heap() -> bool:
+    """Hand freed heap memory back to the OS (glibc's malloc_trim), so RSS counts what is held, not what was.
+
+    Loading keeps the 16-bit checkpoint in memory for a moment (QLoRA then quantizes it); glibc keeps
+    most of what is freed afterwards, and RSS would report a gigabyte the process no longer uses.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+        return True
+    except (OSError, AttributeError):  # not glibc (macOS, musl): RSS stays as the allocator leaves it
+        return False
 
 
 class RssPeak:
@@ -97,11 +115,12 @@ class MemoryProbe:
 
     def __init__(self, run_dir: Path, runtime: dict | None = None):
         self.path = Path(run_dir) / PROBE_FILE
+        trimmed = return_free_heap()
         self.rss = RssPeak()
         self.record: dict = {
             "version": PROBE_VERSION,
             "runtime": dict(runtime or {}),
-            "rss": {"source": self.rss.source, "baseline_bytes": current_rss()},
+            "rss": {"source": self.rss.source, "baseline_bytes": current_rss(), "malloc_trim": trimmed},
             "created_at": time.time(),
         }
         self.tracker: LiveBytesTracker | None = None
@@ -115,8 +134,9 @@ class MemoryProbe:
         import torch
 
         rss = self.record["rss"]
-        rss["after_load_bytes"] = current_rss()
         rss["load_peak_bytes"] = self.rss.peak()
+        return_free_heap()
+        rss["after_load_bytes"] = current_rss()
         peft = hasattr(model, "get_nb_trainable_parameters")
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         adapters = {id(p) for p in self._trainable} if peft else set()
@@ -205,6 +225,10 @@ class MemoryProbe:
         if torch.cuda.is_available():
             self.record.setdefault("cuda", {}).update(max_allocated_bytes=torch.cuda.max_memory_allocated(),
                                                       max_reserved_bytes=torch.cuda.max_memory_reserved())
+        import psutil
+
+        times = psutil.Process().cpu_times()
+        self.record["cpu_seconds"] = round(times.user + times.system, 1)  # the worker's, from its start to here
         self.record["batch_shape"] = self._shape
         self.record["steps"] = state.global_step
         self.record["finished_at"] = time.time()
