@@ -176,7 +176,7 @@ def test_the_cli_refuses_a_model_too_large_for_this_machine(tmp_path):
     done = subprocess.run([sys.executable, "-m", "engine", "memory", "--measure", "--model", "llama-3.1-70b",
                            "--runs-dir", str(tmp_path)], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2
-    assert "refused" in done.stderr and "available (available RAM (psutil.virtual_memory().available))" in done.stderr
+    assert "refused" in done.stderr and "bytes) of available RAM (psutil.virtual_memory().available)" in done.stderr
     assert "Traceback" not in done.stderr
 
 

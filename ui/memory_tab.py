@@ -323,11 +323,15 @@ def measurement_figure(result: dict) -> go.Figure:
         fig.add_trace(go.Bar(x=x, y=values, name=title, marker_color=GROUP_COLOURS[group],
                              hovertemplate="%{x}<br>" + title + ": %{y:.3f} GiB<extra></extra>"))
     peaks = [((m.get(kind) or {}).get("peak_bytes") or 0) / GIB for m in methods for kind in ("predicted", "measured")]
-    fig.add_trace(go.Scatter(x=x, y=peaks, mode="text", text=[f"{v:.2f} GiB" if v else "" for v in peaks],
-                             textposition="top center", showlegend=False, hoverinfo="skip"))
-    rss = [None if kind == "predicted" else ((m.get("measured") or {}).get("rss_peak_minus_baseline_bytes") or 0) / GIB
+    rss = [None if kind == "predicted" or result.get("device") == "cuda" else
+           ((m.get("measured") or {}).get("rss_peak_minus_baseline_bytes") or 0) / GIB
            for m in methods for kind in ("predicted", "measured")]
-    if result.get("device") != "cuda" and any(rss):
+    # Each bar's total above the bar, and above its RSS diamond when that is higher, so the two never overlap.
+    lift = 0.04 * max(peaks + [level or 0 for level in rss])  # about half a diamond at the chart's scale
+    tops = [max(peak, (level or 0) + lift) for peak, level in zip(peaks, rss)]
+    fig.add_trace(go.Scatter(x=x, y=tops, mode="text", text=[f"{v:.2f} GiB" if v else "" for v in peaks],
+                             textposition="top center", showlegend=False, hoverinfo="skip"))
+    if any(rss):
         fig.add_trace(go.Scatter(x=x, y=rss, mode="markers", name="peak RSS minus process baseline",
                                  marker={"symbol": "diamond", "size": 11, "color": "#111"},
                                  hovertemplate="%{x}<br>peak RSS minus baseline: %{y:.3f} GiB<extra></extra>"))

@@ -180,7 +180,10 @@ def machine_memory() -> tuple[str, int, str]:
 
             pynvml.nvmlInit()
             try:
-                handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+                # The worker trains on CUDA device 0: the first of CUDA_VISIBLE_DEVICES (NVML ignores that variable).
+                visible = os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",")[0].strip()
+                handle = (pynvml.nvmlDeviceGetHandleByUUID(visible) if visible.startswith(("GPU-", "MIG-"))
+                          else pynvml.nvmlDeviceGetHandleByIndex(int(visible) if visible.isdigit() else 0))
                 name = pynvml.nvmlDeviceGetName(handle)
                 free = int(pynvml.nvmlDeviceGetMemoryInfo(handle).free)
             finally:
@@ -213,13 +216,14 @@ def preflight(request: MeasureRequest, arch: ModelArch, device: str, available: 
         fits = [m for m in request.methods if needed[m] <= available]
         what = ("GPU memory (predicted nvidia-smi peak)" if device == "cuda"
                 else f"RAM (predicted tensor peak plus {PROCESS_ALLOWANCE_BYTES / GIB:.0f} GiB for the worker process)")
-        others = ", ".join(f"{m} {format_gib(needed[m])}" for m in request.methods if m != largest)
+        short = {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}
+        others = " and ".join(f"{short[m]} {format_gib(needed[m])}" for m in request.methods if m != largest)
         advice = (f" Measure only {', '.join(fits)} (--methods {','.join(fits)}), or pick a smaller model." if fits
                   else f" Pick a smaller model (for example {DEFAULT_MODEL}) or a shorter batch.")
         raise LoraLabError(
             f"Measuring {arch.name} is refused: {METHOD_LABELS[largest]} needs about {format_gib(needed[largest])} "
             f"({needed[largest]:,} bytes) of {what}, but this machine has {format_gib(available)} "
-            f"({available:,} bytes) available ({source})." + (f" The others need {others}." if others else "")
+            f"({available:,} bytes) of {source}." + (f" The others need {others}." if others else "")
             + advice)
     return needed
 
