@@ -1,4 +1,5 @@
-"""The Memory tab: "will this fit, and why?" before a run, prediction against measurement after.
+"""The Memory tab: "will this fit, and why?" before a run, prediction against measurement after,
+and full / LoRA / QLoRA measured side by side on this machine (``engine.measurements``).
 
 Layout and wiring only; the numbers come from ``engine.memory.estimator``. The pure helpers below
 (form -> settings, estimates -> figure / table / text, run directory -> comparison) are

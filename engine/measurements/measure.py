@@ -283,6 +283,7 @@ def run_measurement(request: MeasureRequest, runs_dir: Path, progress: Callable[
     job manager), which would disturb the measurement: then it is refused.
     """
     from engine.training.jobs import JobManager
+    from engine.training.sampler import GpuSampler
 
     request = request.check()
     if not _lock.acquire(blocking=False):
@@ -304,10 +305,19 @@ def run_measurement(request: MeasureRequest, runs_dir: Path, progress: Callable[
             "settings": asdict(request.settings), "methods": list(request.methods), "steps": request.steps,
             "device": device, "available_bytes": available, "available_source": source,
             "preflight_bytes": predicted_need, "created_at": started, "pid": os.getpid()})
-        jobs = JobManager(folder, recover=False)
-        run_dirs = {m: jobs.submit(run_config_for(model_path, request.settings, m, request.steps), name=m)
-                    for m in request.methods}
-        _wait(jobs, run_dirs, progress, cancel, timeout_s)
+        # On a GPU, NVML samples of each worker go to its gpu.jsonl (the NVML peak beside torch's); the
+        # CPU needs none: the probe reads the process's own peak RSS exactly.
+        sampler = GpuSampler(interval_s=0.2) if device == "cuda" else None
+        if sampler is not None:
+            sampler.start()
+        try:
+            jobs = JobManager(folder, sampler=sampler, recover=False)
+            run_dirs = {m: jobs.submit(run_config_for(model_path, request.settings, m, request.steps), name=m)
+                        for m in request.methods}
+            _wait(jobs, run_dirs, progress, cancel, timeout_s)
+        finally:
+            if sampler is not None:
+                sampler.stop()
         result = build_result(folder)
         for run_dir in run_dirs.values():  # the figures are read; the weights a run saved are not needed
             shutil.rmtree(rundir.RunPaths(run_dir).adapter, ignore_errors=True)
