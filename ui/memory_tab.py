@@ -364,7 +364,8 @@ def measurement_markdown(result: dict) -> str:
              f"checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}; "
              f"took {result.get('wall_s') or 0:.0f} s ({result.get('cpu_seconds') or 0:.0f} CPU-seconds in the "
              f"three workers). Saved as `{result.get('id')}`."]
-    notes = sorted({n for m in result.get("methods", {}).values() for n in m.get("fallbacks", [])})
+    notes = result.get("notes", []) + sorted({n for m in result.get("methods", {}).values()
+                                               for n in m.get("fallbacks", [])})
     if notes:
         lines += ["", "Machine notes: " + " ".join(notes)]
     lines += ["", "Groups at the peak: *weights* of the base model; *trainable state*: adapters, gradients and "

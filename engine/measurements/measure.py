@@ -394,6 +394,14 @@ def build_result(folder: Path) -> dict:
     }
     result["ratios"] = ratios(methods)
     result["summary"] = summary_sentences(result)
+    result["notes"] = []
+    requested = (request.get("settings") or {}).get("seq_len")
+    shapes = [(m.get("measured") or {}).get("batch_shape") for m in methods.values()]
+    trained = max((shape[1] for shape in shapes if shape), default=None)
+    if requested and trained and trained < requested:
+        result["notes"].append(f"The demo rows are shorter than {requested} tokens: the runs trained batches of "
+                               f"{trained} tokens (no padding to the maximum), and the predictions are for that "
+                               "length.")
     return result
 
 
@@ -611,6 +619,7 @@ def format_result(result: dict) -> str:
                  "(at the peak). RSS-base: the worker's peak resident memory minus its baseline before the weights "
                  "loaded.")
     lines += result.get("summary", [])
+    lines += ["note: " + note for note in result.get("notes", [])]
     for entry in result.get("methods", {}).values():
         for sentence in entry.get("fallbacks", []):
             if sentence not in lines and "note: " + sentence not in lines:

@@ -204,6 +204,7 @@ class MemoryProbe:
 
     # ------------------------------------------------------------------ training ends: write what was seen
     def on_train_end(self, args, state, control, **kwargs):
+        import psutil
         import torch
 
         if self.tracker is None:
@@ -225,8 +226,6 @@ class MemoryProbe:
         if torch.cuda.is_available():
             self.record.setdefault("cuda", {}).update(max_allocated_bytes=torch.cuda.max_memory_allocated(),
                                                       max_reserved_bytes=torch.cuda.max_memory_reserved())
-        import psutil
-
         times = psutil.Process().cpu_times()
         self.record["cpu_seconds"] = round(times.user + times.system, 1)  # the worker's, from its start to here
         self.record["batch_shape"] = self._shape
