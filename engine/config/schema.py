@@ -241,6 +241,9 @@ class TrainSection:
                                  rule="must be a positive integer", ge=1, le=10_000)
     seed: int = spec(42, "Random seed for data order, LoRA init and dropout.", "Seed",
                      rule="must be an integer >= 0", ge=0, le=2**32 - 1)
+    memory_probe: bool = spec(False, "Measurement run: record the memory of every training phase (weights loaded, "
+                              "forward, backward, optimizer step) in memory_probe.json and skip the final checkpoint. "
+                              "The Memory tab's measured comparison sets it.", "Memory probe")
 
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraSection, "quant": QuantSection,

@@ -384,6 +384,11 @@ def catalog_entry(model_id: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def catalog_id_for(name: str) -> str | None:
+    """Catalog id for a name: the id itself, any case, or the hub id stored in the entry; None otherwise."""
+    return _catalog_lookup(name)
+
+
 def _catalog_lookup(name: str) -> str | None:
     """Catalog id for a name: the id itself, any case, or the hub id stored in the entry."""
     wanted = name.strip().lower()

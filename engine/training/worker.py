@@ -241,6 +241,11 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=config.model.revision,
                                               trust_remote_code=config.model.trust_remote_code)
     update_status(run_dir, message="Loading the base model.")
+    probe = None
+    if config.train.memory_probe:  # a measurement run (engine.measurements): memory by phase, memory_probe.json
+        from engine.training.probe import make_memory_probe
+
+        probe = make_memory_probe(run_dir, runtime.as_dict())  # made before the weights load: the process baseline
     model = build_model(config, model_path, runtime)
     check_target_modules(model, config)
     if torch.cuda.is_available():
@@ -256,7 +261,8 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     update_status(run_dir, message="Tokenizing the dataset.")
     callback = make_callback(run_dir)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=to_lora_config(config), callbacks=[callback])
+                         processing_class=tokenizer, peft_config=to_lora_config(config),
+                         callbacks=[callback] + ([probe] if probe else []))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
