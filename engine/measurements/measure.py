@@ -42,7 +42,7 @@ from engine.config import RunConfig
 from engine.errors import ConfigError, LoraLabError, RunError
 from engine.memory.arch import ModelArch, load_arch
 from engine.memory.estimator import METHOD_LABELS, MemoryEstimate, MemorySettings, estimate, settings_from_run_config
-from engine.names import valid_name
+from engine.names import name_problem
 from engine.training import rundir
 from engine.training.probe import read_probe
 
@@ -283,7 +283,6 @@ def run_measurement(request: MeasureRequest, runs_dir: Path, progress: Callable[
     job manager), which would disturb the measurement: then it is refused.
     """
     from engine.training.jobs import JobManager
-    from engine.training.sampler import GpuSampler
 
     request = request.check()
     if not _lock.acquire(blocking=False):
@@ -305,19 +304,11 @@ def run_measurement(request: MeasureRequest, runs_dir: Path, progress: Callable[
             "settings": asdict(request.settings), "methods": list(request.methods), "steps": request.steps,
             "device": device, "available_bytes": available, "available_source": source,
             "preflight_bytes": predicted_need, "created_at": started, "pid": os.getpid()})
-        # On a GPU, NVML samples of each worker go to its gpu.jsonl (the NVML peak beside torch's); the
-        # CPU needs none: the probe reads the process's own peak RSS exactly.
-        sampler = GpuSampler(interval_s=0.2) if device == "cuda" else None
-        if sampler is not None:
-            sampler.start()
-        try:
-            jobs = JobManager(folder, sampler=sampler, recover=False)
-            run_dirs = {m: jobs.submit(run_config_for(model_path, request.settings, m, request.steps), name=m)
-                        for m in request.methods}
-            _wait(jobs, run_dirs, progress, cancel, timeout_s)
-        finally:
-            if sampler is not None:
-                sampler.stop()
+        # Each worker samples its own memory (NVML on a GPU, else RSS) into its gpu.jsonl.
+        jobs = JobManager(folder, recover=False)
+        run_dirs = {m: jobs.submit(run_config_for(model_path, request.settings, m, request.steps), name=m)
+                    for m in request.methods}
+        _wait(jobs, run_dirs, progress, cancel, timeout_s)
         result = build_result(folder)
         for run_dir in run_dirs.values():  # the figures are read; the weights a run saved are not needed
             shutil.rmtree(rundir.RunPaths(run_dir).adapter, ignore_errors=True)
@@ -549,7 +540,7 @@ def read_measurement(folder: Path) -> dict:
 
 
 def resolve_measurement(runs_dir: Path, name: str) -> Path:
-    if not valid_name(name):
+    if name_problem(name):
         raise RunError(f"'{name}' is not a measurement id (letters, digits, '-', '_', '.').")
     folder = measurements_dir(runs_dir) / name
     if not folder.is_dir():
@@ -562,7 +553,7 @@ def list_measurements(runs_dir: Path) -> list[dict]:
     root = measurements_dir(runs_dir)
     found = []
     for folder in sorted(root.iterdir() if root.is_dir() else [], reverse=True):
-        if not folder.is_dir() or not valid_name(folder.name):
+        if not folder.is_dir() or name_problem(folder.name):
             continue
         try:
             result = read_measurement(folder)
