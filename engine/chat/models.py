@@ -26,12 +26,13 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines, token_f1
+from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines
 from engine.chat.ratings import BASE, FINETUNED, win_rate
 from engine.chat.sources import (
     LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
 )
 from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
+from engine.evals.metrics import token_f1
 
 
 MAX_ADAPTERS = 8  # adapters are small, but a dashboard left open for days should not grow without bound

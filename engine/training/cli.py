@@ -47,6 +47,9 @@ def follow(run_dir: Path, process=None) -> str:
             for record in records:
                 if record.get("event") == "eval":
                     bar.write(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
+                elif record.get("event") == "task_eval":
+                    bar.write(f"step {record['step']}: {record['metric']} {record['score']:.3f} on {record['n']} "
+                              f"held-out prompts ({record['seconds']:.1f} s)")
                 elif record.get("loss") is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=record.get("tokens_per_second"))
             step = status.get("step", 0) or 0

@@ -195,6 +195,8 @@ class RunSummary:
     error: str | None = None
     fallbacks: list = field(default_factory=list)
     has_adapter: bool = False
+    task_metric: str | None = None  # the latest task_eval event of metrics.jsonl (engine.training.task_eval)
+    task_score: float | None = None
 
     def as_row(self) -> dict:
         return {
@@ -205,6 +207,7 @@ class RunSummary:
             "steps": f"{self.step}/{self.max_steps}" if self.max_steps else str(self.step),
             "train loss": None if self.train_loss is None else round(self.train_loss, 4),
             "eval loss": None if self.eval_loss is None else round(self.eval_loss, 4),
+            "task score": None if self.task_score is None else f"{self.task_metric} {self.task_score:.3f}",
             "peak memory (MiB)": None if self.peak_memory_bytes is None else round(self.peak_memory_bytes / 2**20),
             "duration (s)": None if self.duration_s is None else round(self.duration_s),
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created_at)) if self.created_at else "",
@@ -261,6 +264,7 @@ def summarize_run(run_dir: Path) -> RunSummary:
     metrics = read_metrics(run_dir)
     train_losses = [m["loss"] for m in metrics if m.get("loss") is not None]
     eval_losses = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None and m.get("step", 0) > 0]
+    task_evals = [m for m in metrics if m.get("event") == "task_eval" and m.get("score") is not None]
     peak, source = peak_memory(read_gpu_samples(run_dir))
     method = _method_of(config)
     started, ended = status.get("started_at"), status.get("ended_at") or (
@@ -284,6 +288,8 @@ def summarize_run(run_dir: Path) -> RunSummary:
         error=status.get("error"),
         fallbacks=status.get("fallbacks", []),
         has_adapter=(paths.adapter / "adapter_config.json").exists(),
+        task_metric=task_evals[-1].get("metric") if task_evals else None,
+        task_score=task_evals[-1]["score"] if task_evals else None,
     )
 
 
