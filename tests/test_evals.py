@@ -150,3 +150,38 @@ def test_rows_are_cut_before_their_last_answer():
     items = prompts_from_rows(rows)
     assert len(items) == 1 and items[0].reference == "a" and items[0].text == "q"
     assert [m["role"] for m in items[0].messages] == ["system", "user"]
+
+
+# ----------------------------------------------------------------------------- at run start
+def test_plan_takes_the_first_rows_and_checks_their_references():
+    from engine.training.task_eval import plan_task_eval
+
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": json.dumps({"i": i})}]}
+            for i in range(5)]
+    config = load_preset("demo-lora", ["eval.num_samples=3"])
+    plan = plan_task_eval(config, rows)
+    assert plan.metric == "json_equal" and plan.references == ['{"i": 0}', '{"i": 1}', '{"i": 2}']
+    assert plan.conversations[0] == [{"role": "user", "content": "q0"}] and plan.notes == []
+    config.eval.num_samples = 9
+    assert "only 5 held-out prompts" in plan_task_eval(config, rows).notes[0]
+    config.eval.metric = "none"
+    assert plan_task_eval(config, rows) is None
+    config.eval.metric = "exact_match"
+    with pytest.raises(ConfigError, match="plain text"):
+        plan_task_eval(config, [{"text": "just text"}])
+
+
+@pytest.mark.slow
+def test_the_worker_refuses_a_non_json_reference_before_training(tmp_path, demo_model_dir):
+    """A json_equal run on text answers fails at start, in words naming the row, with no step trained."""
+    from engine.training import rundir
+    from engine.training.worker import main as worker_main
+
+    data = str(__import__("pathlib").Path(__file__).parent / "data" / "messages.jsonl")
+    config = load_preset("demo-lora", [f"data.path={data}", f"data.eval_path={data}", "eval.metric=json_equal"])
+    run_dir = rundir.create_run(tmp_path, config.validate(), name="text-answers")
+    assert worker_main([str(run_dir)]) == 1
+    status = rundir.read_status(run_dir)
+    assert status["state"] == "failed"
+    assert "held-out row 1 is not JSON" in status["error"] and "exact_match or token_f1" in status["error"]
+    assert rundir.read_metrics(run_dir) == [] and "step" not in status

@@ -187,3 +187,29 @@ def show_main(argv: list[str]) -> int:
     print("--- train.log (tail)")
     print(rundir.log_tail(run_dir, args.log_lines))
     return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m engine evaluate",
+        description="Score a run's adapter and its base on the held-out prompts with a task metric (greedy answers).")
+    parser.add_argument("run")
+    parser.add_argument("--metric", help="a metric name (default: the run's eval.metric, else exact_match)")
+    parser.add_argument("--limit", type=int, help="score only the first N held-out prompts (default: all)")
+    parser.add_argument("--checkpoint", default="adapter", help="checkpoint-N instead of the final adapter")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (with a few answers)")
+    _runs_dir_arg(parser)
+    args = parser.parse_args(argv)
+    from engine.training.task_eval import evaluate_run
+
+    try:
+        run_dir = rundir.resolve_run(args.runs_dir, args.run)
+        result = evaluate_run(run_dir, metric=args.metric, limit=args.limit, adapter=args.checkpoint,
+                              log=(lambda *_: None) if args.json else print)
+    except LoraLabError as error:
+        return _fail(error)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    return 0
