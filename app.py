@@ -55,14 +55,14 @@ def main(argv=None) -> None:
     args.runs_dir.mkdir(parents=True, exist_ok=True)
     args.exports_dir.mkdir(parents=True, exist_ok=True)
 
-    from engine.training.sampler import GpuSampler
     from engine.training.jobs import JobManager
+    from engine.training.sampler import GpuSampler
     from ui.context import AppContext
     from ui.layout import CSS, build_app
 
     sampler = GpuSampler(interval_s=1.0)
     sampler.start()
-    jobs = JobManager(args.runs_dir, sampler=sampler).start()
+    jobs = JobManager(args.runs_dir).start()
     ctx = AppContext(runs_dir=args.runs_dir.resolve(), exports_dir=args.exports_dir.resolve(), jobs=jobs,
                      sampler=sampler, max_upload_mb=args.max_upload_mb)
     demo = build_app(ctx)

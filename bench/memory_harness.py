@@ -1,6 +1,6 @@
 """Real models for checking the memory estimator: build them the way training does, then measure.
 
-The estimator in ``engine/memory.py`` is arithmetic; this module is its counterpart made
+The estimator in ``engine/memory/estimator.py`` is arithmetic; this module is its counterpart made
 of torch objects, used by ``tests/test_memory.py`` (tiny models on the CPU) and by
 ``bench/memory_accuracy.py`` (catalog-sized models with random weights on CUDA). It
 builds a model from a :class:`~engine.memory.arch.ModelArch` and
@@ -14,30 +14,16 @@ torch, transformers, peft and bitsandbytes are imported inside the functions.
 
 from __future__ import annotations
 
-import json
 import tempfile
 import weakref
 from pathlib import Path
 
-from engine.memory.estimator import MemorySettings, precision_of
 from engine.memory.arch import ModelArch
+from engine.memory.estimator import MemorySettings, precision_of
+from engine.memory.live import LiveBytesTracker
+from engine.memory.random_model import hf_config, save_random_model
 
 TORCH_DTYPES = {2: "bfloat16", 4: "float32"}
-
-
-def hf_config(arch: ModelArch, attn: str = "sdpa"):
-    """A transformers config object for ``arch`` (random weights are built from it)."""
-    from transformers import AutoConfig
-
-    config = {k: v for k, v in arch.config.items() if not k.startswith("_") and k not in ("architectures", "torch_dtype")}
-    model_type = config.pop("model_type", arch.model_type)
-    cfg = AutoConfig.for_model(model_type, **config)
-    impl = {"sdpa": "sdpa", "flash": "flash_attention_2", "eager": "eager"}[attn]
-    if attn == "sdpa" and arch.attn_logit_softcapping:
-        impl = "eager"
-    cfg._attn_implementation = impl
-    cfg.use_cache = False
-    return cfg
 
 
 def _torch_dtype(settings: MemorySettings):
@@ -65,25 +51,6 @@ def _runtime(s: MemorySettings, device: str):
     from engine.config.build import Runtime
 
     return Runtime(device=device, bf16=s.compute_dtype == "bfloat16", optim=s.optimizer, compute_dtype=s.compute_dtype)
-
-
-def save_random_model(arch: ModelArch, folder: Path, dtype_name: str = "bfloat16", device: str = "cpu", seed: int = 0) -> Path:
-    """Write a randomly initialised checkpoint of ``arch`` (reused when it is already there)."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    folder = Path(folder)
-    marker = folder / "lora_lab_random.json"
-    if marker.exists() and json.loads(marker.read_text()) == {"arch": arch.name, "dtype": dtype_name, "seed": seed}:
-        return folder
-    torch.manual_seed(seed)
-    dtype = getattr(torch, dtype_name)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(hf_config(arch), dtype=dtype)
-    model.save_pretrained(folder)
-    marker.write_text(json.dumps({"arch": arch.name, "dtype": dtype_name, "seed": seed}))
-    del model
-    return folder
 
 
 def build_model(arch: ModelArch, settings: MemorySettings, device: str = "cpu", checkpoint_dir: Path | None = None,
@@ -289,81 +256,6 @@ def make_optimizer(model, settings: MemorySettings):
             if isinstance(module, torch.nn.Embedding):
                 manager.register_module_override(module, "weight", {"optim_bits": 32})
     return optimizer
-
-
-class LiveBytesTracker:
-    """A stand-in for ``torch.cuda.max_memory_allocated`` on any device.
-
-    A dispatch mode sees every tensor an op creates; a weak reference on each storage
-    tells when it is freed. Sizes are rounded up to 512 bytes as the CUDA caching
-    allocator does, so the peak is comparable with the estimator's ``peak_allocated_bytes``
-    (minus the library workspaces, which only exist on CUDA). Used by the tests and by
-    ``bench/memory_accuracy.py --cpu`` to check the peak model without a GPU.
-    """
-
-    def __init__(self, round_to: int = 512):
-        from torch.utils._python_dispatch import TorchDispatchMode
-
-        tracker = self
-
-        class _Mode(TorchDispatchMode):
-            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-                out = func(*args, **(kwargs or {}))
-                tracker._track(out, str(func))
-                return out
-
-        self._mode = _Mode()
-        self.round_to = round_to
-        self.live = 0
-        self.peak = 0
-        self.peak_op = ""
-        self.phase = ""
-        self.peak_phase = ""
-        self._refs: dict[int, object] = {}
-
-    def _size(self, storage) -> int:
-        n = storage.nbytes()
-        return -(-n // self.round_to) * self.round_to if self.round_to else n
-
-    def add_storage(self, storage, op: str = "") -> None:
-        key = id(storage)
-        if key in self._refs or storage.nbytes() == 0 or storage.device.type == "meta":
-            return
-        size = self._size(storage)
-
-        def freed(_ref, key=key, size=size):
-            self._refs.pop(key, None)
-            self.live -= size
-
-        self._refs[key] = weakref.ref(storage, freed)
-        self.live += size
-        if self.live > self.peak:
-            self.peak, self.peak_op, self.peak_phase = self.live, op, self.phase
-
-    def _track(self, out, op: str) -> None:
-        import torch
-
-        items = out if isinstance(out, (tuple, list)) else [out]
-        for item in items:
-            if isinstance(item, torch.Tensor):
-                self.add_storage(item.untyped_storage(), op)
-
-    def add_model(self, model) -> None:
-        """Count what exists before tracking starts: parameters, buffers, quantization state."""
-        for tensor in list(model.parameters()) + list(model.buffers()):
-            self.add_storage(tensor.untyped_storage(), "model")
-            state = getattr(tensor, "quant_state", None)
-            if state is not None:
-                for value in state.as_dict(packed=False).values():
-                    if hasattr(value, "untyped_storage"):
-                        self.add_storage(value.untyped_storage(), "model")
-
-    def __enter__(self):
-        self._mode.__enter__()
-        return self
-
-    def __exit__(self, *exc):
-        return self._mode.__exit__(*exc)
 
 
 def train_steps(model, batch: dict, settings: MemorySettings, optimizer, steps: int = 2, device_type: str = "cpu",

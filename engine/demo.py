@@ -290,11 +290,6 @@ def ensure_demo_model(log=print) -> Path:
         return build_demo_model(target, log=log)
 
 
-def resolve_demo_alias(name: str) -> str:
-    """Map the model name ``demo`` to the built folder; other names pass through."""
-    return str(ensure_demo_model()) if name == DEMO_MODEL_NAME else name
-
-
 if __name__ == "__main__":
     write_demo_dataset()
     ensure_demo_model()

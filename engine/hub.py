@@ -1,10 +1,12 @@
-"""Telling local paths from hub ids, and failing fast when the hub is out of reach.
+"""Where a model or dataset is loaded from, and failing fast when the hub is out of reach.
 
 Offline, a hub lookup through huggingface_hub retries for about a minute before it
 fails. A person who typed a wrong path deserves a sentence within seconds instead, so
 every model or dataset name goes through ``resolve_source`` first: an existing folder
-or file is used as it is; something shaped like ``owner/name`` is a hub id, and we probe
-the hub endpoint with a short socket timeout before letting the libraries loose on it.
+or file is used as it is; something shaped like ``owner/name`` is a hub id, used when
+huggingface_hub's cache holds it, and otherwise only after a short socket probe of the
+hub endpoint. ``resolve_model`` adds the one name that is neither: ``demo``, the offline
+demo model built on this machine. Every caller that loads a model by name uses it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
+from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
 from engine.errors import ModelNotFoundError
 
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -27,7 +30,15 @@ def looks_like_hub_id(name: str) -> bool:
 
 
 def hub_offline_forced() -> bool:
-    return os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    """``HF_HUB_OFFLINE`` as huggingface_hub read it, which is what its downloads obey.
+
+    It is read once, when ``huggingface_hub.constants`` is first imported (transformers and
+    datasets do that early). Setting the variable later changes neither huggingface_hub nor
+    this answer; a lookup then still fails fast, through the reachability probe.
+    """
+    from huggingface_hub import constants
+
+    return constants.HF_HUB_OFFLINE
 
 
 def hub_is_reachable(timeout: float = 3.0) -> bool:
@@ -48,12 +59,16 @@ def hub_is_reachable(timeout: float = 3.0) -> bool:
     return reachable
 
 
-def _in_local_hub_cache(repo_id: str, repo_type: str) -> bool:
-    """Whether huggingface_hub already has a snapshot of this repo on disk."""
-    from huggingface_hub import constants
+def in_local_hub_cache(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether huggingface_hub's cache holds a snapshot of this repo (usable offline)."""
+    from huggingface_hub import scan_cache_dir
+    from huggingface_hub.errors import CacheNotFound
 
-    folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}"
-    return (folder / "snapshots").is_dir() and any((folder / "snapshots").iterdir())
+    try:
+        cache = scan_cache_dir()
+    except CacheNotFound:
+        return False
+    return any(repo.repo_id == repo_id and repo.repo_type == repo_type and repo.revisions for repo in cache.repos)
 
 
 def resolve_source(name: str, what: str = "model", repo_type: str = "model") -> str:
@@ -71,7 +86,7 @@ def resolve_source(name: str, what: str = "model", repo_type: str = "model") -> 
         raise ModelNotFoundError(
             f"The {what} '{name}' is not an existing local path, and it is not a hub id of the form owner/name."
         )
-    if _in_local_hub_cache(name, repo_type):
+    if in_local_hub_cache(name, repo_type):
         return name
     if not hub_is_reachable():
         reason = "HF_HUB_OFFLINE is set" if hub_offline_forced() else "the Hugging Face hub cannot be reached"
@@ -80,3 +95,11 @@ def resolve_source(name: str, what: str = "model", repo_type: str = "model") -> 
             "hub cache. Download it on a machine with network access, or pass a local folder."
         )
     return name
+
+
+def resolve_model(name: str, what: str = "base model", log=None) -> str:
+    """Where to load model ``name`` from: ``demo`` is the demo model (built once, about a
+    minute, when missing); anything else is a local folder or a hub id (``resolve_source``)."""
+    if (name or "").strip() == DEMO_MODEL_NAME:
+        return str(ensure_demo_model(log=log or (lambda *_: None)))
+    return resolve_source(name, what=what, repo_type="model")

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.training import rundir
 from engine.config import load_preset
+from engine.training import rundir
 from engine.training.jobs import wait_for_state
 from tests.conftest import PROJECT_ROOT
 
@@ -128,10 +128,11 @@ def test_start_watch_stop_through_gradio_client(dashboard):
 
 def test_auth_refuses_a_client_without_credentials(tmp_path):
     from gradio_client import Client
+    from gradio_client.exceptions import AuthenticationError
 
     board = Dashboard(tmp_path / "runs", extra_args=["--auth", "alice:wonderland"])
     try:
-        with pytest.raises(Exception):
+        with pytest.raises(AuthenticationError, match="credentials were not provided"):
             Client(board.url, verbose=False)
         client = Client(board.url, auth=("alice", "wonderland"), verbose=False)
         assert "demo" in json.dumps(client.predict("demo-lora", api_name="/load_preset"))

@@ -107,6 +107,32 @@ def test_stop_ends_a_batch_within_a_second(app):
     assert final_rows < 200
 
 
+def batch_rows(job) -> int:
+    outputs = job.outputs()
+    return len(outputs[-1][1]["data"]) if outputs else 0
+
+
+def test_stop_in_one_browser_session_leaves_another_generating(app):
+    load(app)
+    other = gradio_client.Client(app.client.src, verbose=False)  # a second browser session
+    job = app.client.submit("Run's held-out split", None, "", 0, True, *SEND_DEFAULTS, api_name="/batch")
+    deadline = time.monotonic() + 120
+    while batch_rows(job) == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batch_rows(job) >= 1
+    assert other.predict(api_name="/stop") == "Stopping…"
+    rows_at_stop = batch_rows(job)
+    while batch_rows(job) <= rows_at_stop and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert batch_rows(job) > rows_at_stop and not job.done()  # still answering after the other session's Stop
+
+    app.client.predict(api_name="/stop")
+    started = time.monotonic()
+    while (not job.done() or app.models.generating) and time.monotonic() - started < 5:
+        time.sleep(0.02)
+    assert job.done() and app.models.generating == 0
+
+
 def test_blind_ratings_are_recorded_in_the_run(app):
     from engine.chat.ratings import read_ratings, win_rate
 

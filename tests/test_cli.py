@@ -26,6 +26,16 @@ def test_train_from_the_cli_writes_a_normal_run_directory(tmp_path, demo_model_d
     listed = json.loads(cli("runs", "--json", "--runs-dir", str(tmp_path)).stdout)
     assert [row["name"] for row in listed] == ["cli-run"] and listed[0]["method"] == "qlora"
 
+    # No dashboard was running, yet the run has its memory history: the worker samples itself.
+    samples = rundir.read_gpu_samples(tmp_path / "cli-run")
+    assert len(samples) >= 3, "one sample a second for the whole run"
+    assert all(s["source"] in ("nvml", "process_rss") and s["error"] is None for s in samples)
+    assert all(s["process_bytes"] > 0 for s in samples)
+    assert max(s["process_bytes"] for s in samples) > 200 * 2**20, "the worker with torch and the model loaded"
+    times = [s["t"] for s in samples]
+    assert times == sorted(times) and status["worker_started_at"] <= times[0] and times[-1] <= status["ended_at"]
+    assert listed[0]["peak memory (MiB)"] > 200
+
 
 def test_cli_errors_are_sentences_not_tracebacks(tmp_path):
     result = cli("train", "demo-lora", "--set", "lora.r=-3", "--runs-dir", str(tmp_path))

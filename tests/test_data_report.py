@@ -1,4 +1,5 @@
-"""The background statistics job: progress, partial figures, cancellation, errors as sentences."""
+"""The background statistics job: progress, partial figures, cancellation, errors as sentences, and the
+dashboard's bounded registry of jobs."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.data.report import StatsJob, inspect_dataset  # noqa: E402
-
+from engine.data.report import StatsJob, StatsJobs, inspect_dataset
 from tests.data import tiny_tokenizer
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -71,3 +72,26 @@ def test_context_length_warning_uses_the_tokenizer_limit(tmp_path):
     assert any("above the model's context length of 32" in w for w in report.warnings)
     report = inspect_dataset(str(DATA / "text.jsonl"), model=str(tmp_path / "tok"), max_length=32)
     assert not any("context length" in w for w in report.warnings)
+
+
+def test_registry_starts_finds_cancels_and_keeps_a_bounded_number(tmp_path):
+    small = write_rows(tmp_path / "small.jsonl", 50)
+    big = write_rows(tmp_path / "big.jsonl", 200_000)
+    jobs = StatsJobs(keep=2)
+    first = jobs.start(source=str(big), model=None, max_length=64)
+    assert jobs.get(first) is not None and jobs.get("no-such-id") is None and jobs.get(None) is None
+    wait_for(jobs.get(first), lambda s: s["partial"] is not None and s["partial"].rows > 0)
+
+    # A pass is cancelled by id and ends with partial figures.
+    assert jobs.cancel(first) is True
+    assert wait_for(jobs.get(first), lambda s: s["state"] != "running")["state"] == "cancelled"
+    assert jobs.cancel("no-such-id") is False
+
+    # Past ``keep`` passes the oldest is cancelled and forgotten; the newest finish normally.
+    evicted_job = jobs.get(jobs.start(source=str(big), model=None, max_length=64))
+    kept = [jobs.start(source=str(small), model=None, max_length=64) for _ in range(2)]
+    assert len(jobs) == 2 and jobs.get(first) is None
+    assert wait_for(evicted_job, lambda s: s["state"] != "running")["state"] == "cancelled"
+    for job_id in kept:
+        done = wait_for(jobs.get(job_id), lambda s: s["state"] != "running")
+        assert done["state"] == "done" and done["report"].rows == 50

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import time
-import types
 from pathlib import Path
 
 import pytest
@@ -13,6 +12,7 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from tests.data import tiny_tokenizer
+
 DATA = Path(__file__).parent / "data"
 
 
@@ -27,9 +27,10 @@ def client(tmp_path_factory):
     from gradio_client import Client
 
     from ui import data_tab
+    from ui.context import AppContext
 
     folder = tmp_path_factory.mktemp("app")
-    ctx = types.SimpleNamespace(runs_dir=folder / "runs", exports_dir=folder / "exports", jobs=None, max_upload_mb=0.01)
+    ctx = AppContext(runs_dir=folder / "runs", exports_dir=folder / "exports", max_upload_mb=0.01)
     with gr.Blocks() as demo:
         with gr.Tab("Dataset"):
             data_tab.build(ctx)
@@ -154,3 +155,37 @@ def test_upload_is_used_and_capped(client, tokenizer_folder, tmp_path):
     big.write_text(json.dumps({"text": "x" * 20_000}) + "\n")  # above the 0.01 MB cap of this app
     status, *_ = load(client, "demo", tokenizer_folder, upload=handle_file(str(big)))
     assert status.startswith("**Error:**") and "limit" in status
+
+
+def test_statistics_handlers_are_plain_functions_of_the_app_context(tmp_path, tokenizer_folder):
+    """Called directly, no server: a session's new pass replaces its old one, and jobs live in the context."""
+    from ui import data_tab
+    from ui.context import AppContext
+
+    big = tmp_path / "big.jsonl"
+    big.write_text("".join(json.dumps({"instruction": f"Say {i}", "output": str(i)}) + "\n" for i in range(100_000)))
+    ctx = AppContext(runs_dir=tmp_path / "runs", exports_dir=tmp_path / "exports")
+    settings = ("train", "auto", "", False, tokenizer_folder, 64, 0.0, "", 2, 1, 42)
+
+    first, text, timer = data_tab.start_stats(ctx, None, str(big), None, *settings)
+    assert first and text == "Statistics: starting…" and timer.active is True
+    second, *_ = data_tab.start_stats(ctx, first, str(DATA / "messages.jsonl"), None, *settings)
+    old = ctx.stats_jobs.get(first)
+    old.wait(30)
+    assert old.snapshot()["state"] == "cancelled"
+
+    deadline = time.monotonic() + 60
+    while (result := data_tab.poll_stats(ctx, second))[-1].active and time.monotonic() < deadline:
+        time.sleep(0.05)
+    text, figure, figures, warnings, timer = result
+    assert text.startswith("Statistics done: 3 rows") and dict(figures)["rows"] == "3" and timer.active is False
+
+    other = AppContext(runs_dir=tmp_path / "runs", exports_dir=tmp_path / "exports")
+    assert data_tab.poll_stats(other, second)[0] == "No statistics running."  # no state shared through the module
+    assert data_tab.stop_stats(ctx, second) == "Stopping…"
+    assert data_tab.stop_stats(ctx, None) == "No statistics running."
+
+    capped = AppContext(runs_dir=tmp_path / "runs", exports_dir=tmp_path / "exports", max_upload_mb=0.01)
+    job_id, text, timer = data_tab.start_stats(capped, None, "demo", str(big), *settings)
+    assert job_id is None and text.startswith("**Error:**") and "limit" in text and timer.active is False
+    assert len(capped.stats_jobs) == 0

@@ -319,6 +319,19 @@ def test_existing_export_is_not_overwritten_unless_asked(adapter_export, demo_lo
         export_run(demo_lora_run, exports_dir, kind="adapter", name=adapter_export.name)
 
 
+def test_shard_sizes_are_read_by_transformers_and_handed_on_as_bytes():
+    """save_pretrained gets bytes: given text, transformers 5 hands it to huggingface_hub, which has no GiB."""
+    from huggingface_hub.serialization._base import parse_size_to_int
+
+    from engine.export.exporter import parse_shard_size
+
+    assert parse_shard_size("2GB") == 2 * 10**9 and parse_shard_size(" 500 MB ") == 500 * 10**6
+    assert parse_shard_size("5GiB") == 5 * 2**30 and parse_shard_size("1MiB") == 2**20
+    assert parse_shard_size("2gb") == 2 * 10**9 and parse_shard_size("5gib") == 5 * 2**30  # units in any case
+    with pytest.raises(ValueError, match="not supported"):
+        parse_size_to_int("5GiB")  # why the text must not reach save_pretrained
+
+
 @pytest.mark.parametrize("size", ["2 gigabytes", "0.5GB", "-1GB", "100KB", ""])
 def test_bad_shard_sizes_and_dtypes_are_refused(demo_lora_run, tmp_path, size):
     with pytest.raises(ExportError, match="shard size"):

@@ -37,9 +37,9 @@ def test_refresh_lists_runs_with_an_adapter(app, demo_lora_run):
     run_update, exports_update = client.predict(api_name="/export_refresh")
     choices = [value for _, value in run_update["choices"]]
     assert demo_lora_run.name in choices and run_update["value"] in choices
-    from engine.export.exporter import has_adapter
+    from engine.training.rundir import RunPaths, has_adapter
 
-    assert all(has_adapter(demo_lora_run.parent / name) for name in choices)
+    assert all(has_adapter(RunPaths(demo_lora_run.parent / name).adapter) for name in choices)
 
 
 def test_export_verify_and_download_the_zip(app, demo_lora_run):
@@ -93,3 +93,17 @@ def test_errors_are_sentences(app, tmp_path):
     zip_status, _ = client.predict("never-exported", api_name="/export_zip")
     assert "There is no finished export named 'never-exported'" in zip_status
 
+
+
+def test_a_second_export_is_refused_while_another_process_exports(app, demo_lora_run):
+    """The tab obeys the engine's lock, which ``python -m engine export`` in another process holds here."""
+    from tests.conftest import ExportLockHolder
+
+    client, ctx = app
+    with ExportLockHolder(ctx.exports_dir) as holder:
+        status, _ = client.predict(demo_lora_run.name, "Adapter package (PEFT)", "bf16", "2GB", "while-busy", False,
+                                   api_name="/export_run")
+        assert status.startswith("**Export not started:** Another export is running"), status
+        assert f"by process {holder.process.pid}" in status and "Traceback" not in status
+        holder.release()
+    assert not (ctx.exports_dir / "while-busy").exists()

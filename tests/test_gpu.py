@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -137,30 +138,50 @@ def test_one_failing_query_leaves_the_rest_of_the_sample(sleeper):
     assert sample["error"] == "GPU 0 power: Unknown Error; GPU 1 power: Unknown Error"
 
 
-def test_sampler_writes_run_history_and_keeps_a_ring_buffer(tmp_path, sleeper):
+def test_a_runs_sampler_writes_its_history_and_the_dashboards_writes_nowhere(tmp_path, sleeper):
     nvml = two_gpus()
-    sampler = GpuSampler(interval_s=0.5, nvml_module=nvml)
-    assert sampler.backend == "nvml"
-    assert sampler.latest() is None
+    dashboard = GpuSampler(interval_s=0.5, nvml_module=nvml)  # live device memory, no run
+    assert dashboard.backend == "nvml"
+    assert dashboard.latest() is None
     assert (
-        sampler.status_text()
+        dashboard.status_text()
         == "Reading GPU memory through NVML: 2 GPUs (NVIDIA A100-SXM4-80GB, NVIDIA A100-SXM4-80GB)."
     )
+    dashboard.step()  # before the run: live device memory only
 
-    sampler.step()  # before the run: live device memory only
-    sampler.attach(tmp_path, sleeper.pid)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    worker = GpuSampler(interval_s=0.5, nvml_module=nvml, run_dir=run_dir, pid=sleeper.pid)
     for used in (1, 2, 3):
         nvml.gpus[0].processes = [FakeProcess(sleeper.pid, used * GiB)]
         nvml.gpus[0].used_bytes = (2 + used) * GiB
-        sampler.step()
-    sampler.detach()
-    sampler.step()  # after the run: not written to the run
+        worker.step()
+        dashboard.step()
 
-    history = read_gpu_samples(tmp_path)
+    history = read_gpu_samples(run_dir)
     assert [s["process_bytes"] for s in history] == [1 * GiB, 2 * GiB, 3 * GiB]
     assert [s["devices"][0]["used_bytes"] for s in history] == [3 * GiB, 4 * GiB, 5 * GiB]
-    assert len(sampler.recent(60)) == 5
-    assert sampler.latest()["process_bytes"] is None
+    assert len(worker.recent(60)) == 3
+    assert len(dashboard.recent(60)) == 4
+    assert [s["devices"][0]["used_bytes"] for s in dashboard.recent(60)] == [2 * GiB, 3 * GiB, 4 * GiB, 5 * GiB]
+    assert all(s["process_bytes"] is None for s in dashboard.recent(60))  # it measures no process
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["gpu.jsonl", "run"], "the dashboard wrote nothing"
+
+
+def test_the_end_of_the_measured_process_ends_sampling_without_an_error_sample(tmp_path):
+    nvml = two_gpus()
+    process = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    sampler = GpuSampler(interval_s=0.01, nvml_module=nvml, run_dir=tmp_path, pid=process.pid)
+    with sampler:
+        wait_for(lambda: len(read_gpu_samples(tmp_path)) >= 3)
+        process.kill()  # not reaped yet: a zombie is an ended process too
+        wait_for(lambda: sampler.finished)
+        wait_for(lambda: not sampler._thread.is_alive())
+    process.wait()
+    written = read_gpu_samples(tmp_path)
+    assert len(written) >= 3 and all(s["error"] is None for s in written)
+    assert sampler.step() is None and len(read_gpu_samples(tmp_path)) == len(written)
+    assert "problem" not in sampler.status_text()
 
 
 def test_ring_buffer_is_bounded():
@@ -172,8 +193,7 @@ def test_ring_buffer_is_bounded():
 
 def test_a_lost_gpu_is_recorded_and_nvml_started_again(tmp_path, sleeper):
     nvml = two_gpus()
-    sampler = GpuSampler(interval_s=0.5, nvml_module=nvml)
-    sampler.attach(tmp_path, sleeper.pid)
+    sampler = GpuSampler(interval_s=0.5, nvml_module=nvml, run_dir=tmp_path, pid=sleeper.pid)
     nvml.gpus[1].processes = [FakeProcess(sleeper.pid, 2 * GiB)]
     assert sampler.step()["error"] is None
 
@@ -195,22 +215,23 @@ def test_a_lost_gpu_is_recorded_and_nvml_started_again(tmp_path, sleeper):
 
 def test_the_thread_survives_errors_and_keeps_sampling(tmp_path, sleeper):
     nvml = two_gpus()
-    sampler = GpuSampler(interval_s=0.01, nvml_module=nvml)
-    sampler.attach(tmp_path, sleeper.pid)
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    sampler = GpuSampler(interval_s=0.01, nvml_module=nvml, run_dir=run_dir, pid=sleeper.pid)
     with sampler:
-        wait_for(lambda: len(read_gpu_samples(tmp_path)) >= 3)
+        wait_for(lambda: len(read_gpu_samples(run_dir)) >= 3)
         nvml.lose_gpu()
         wait_for(lambda: (sampler.latest() or {}).get("error"))
         nvml.recover()
         wait_for(lambda: nvml.initialised and sampler.latest()["error"] is None)
+        assert any(s["error"] for s in read_gpu_samples(run_dir))
         # A run directory that vanished mid-run: recorded, the thread goes on.
-        sampler.attach(tmp_path / "deleted-run", sleeper.pid)
+        shutil.rmtree(run_dir)
         count = len(sampler.recent(60))
         wait_for(lambda: len(sampler.recent(60)) > count + 2)
         assert "Could not write gpu.jsonl" in sampler.status_text()
         assert sampler._thread.is_alive()
     assert sampler._thread is None
-    assert any(s["error"] for s in read_gpu_samples(tmp_path))
 
 
 def test_no_driver_falls_back_to_process_ram_with_a_reason():
@@ -241,10 +262,8 @@ ALLOCATOR = textwrap.dedent("""
 
 
 def test_real_machine_without_nvidia_gpu_measures_the_worker_tree_ram(tmp_path):
-    sampler = GpuSampler(interval_s=0.05)  # the real pynvml: no driver on this machine
-    if sampler.backend == "nvml":
+    if GpuSampler(interval_s=0.05).backend == "nvml":  # the real pynvml: no driver on this machine
         pytest.skip("this machine has a working NVIDIA driver")
-    assert sampler.status_text().startswith("No NVIDIA GPU found (NVML: ")
     script = tmp_path / "allocate.py"
     script.write_text(ALLOCATOR)
     worker = subprocess.Popen([sys.executable, str(script), "parent"], stdout=subprocess.PIPE, text=True)
@@ -254,7 +273,8 @@ def test_real_machine_without_nvidia_gpu_measures_the_worker_tree_ram(tmp_path):
         child = psutil.Process(worker.pid).children()[0]
         wait_for(lambda: child.memory_info().rss > 80 * 2**20)
 
-        sampler.attach(tmp_path, worker.pid)
+        sampler = GpuSampler(interval_s=0.05, run_dir=tmp_path, pid=worker.pid)
+        assert sampler.status_text().startswith("No NVIDIA GPU found (NVML: ")
         sample = sampler.step()
         assert sample["source"] == "process_rss" and sample["devices"] == [] and sample["error"] is None
         # 80 MiB in each of two processes: only the sum over the tree gets past 160 MiB.
@@ -266,8 +286,9 @@ def test_real_machine_without_nvidia_gpu_measures_the_worker_tree_ram(tmp_path):
             proc.kill()
         worker.kill()
         worker.wait()
-    gone = sampler.step()
-    assert gone["process_bytes"] is None and gone["error"] == f"process {worker.pid} has exited"
+    assert take_rss_sample(worker.pid)["error"] == f"process {worker.pid} has exited"
+    assert sampler.step() is None and sampler.finished  # the end of the worker is not a failed reading
+    assert read_gpu_samples(tmp_path) == [sample]
 
 
 def test_rss_sample_without_a_worker_is_empty():

@@ -1,51 +1,43 @@
 """Chat tab: the fine-tuned model beside its base on the same prompt, and blind A/B rating.
 
-Layout and wiring only. Loading, generation, prompt sets and ratings are ``engine.chat.models*``;
-the app holds one ``engine.chat.models.ChatModels`` (one base in memory, several adapters), kept in
-``ctx.chat``. Stop works through a per-browser-session ``threading.Event``
-that generation checks at every token, and the stop buttons also cancel the UI events.
+Layout, wiring and module-level handlers of plain values. Loading, generation, prompt sets and
+the rating state machine are ``engine.chat``; the app holds one ``engine.chat.ChatModels`` (one
+base in memory, several adapters) in ``ctx.chat``, and one stop event per browser session in
+``ctx.chat_stops``: generation checks it at every token, and the stop buttons also cancel the UI
+events. The batch being rated is an ``engine.chat.BlindSession`` in the browser session's state.
 """
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
-
 import gradio as gr
 
 from engine.chat import (
-    LATEST, ChatModels, Sampling, adapter_options, clean_messages, held_out_prompts, prompts_from_file,
-    prompts_from_lines, resolve_adapter, with_system_prompt,
+    LATEST,
+    BlindSession,
+    ChatModels,
+    Sampling,
+    adapter_options,
+    clean_messages,
+    held_out_prompts,
+    prompts_from_file,
+    prompts_from_lines,
+    resolve_adapter,
+    with_system_prompt,
 )
-from engine.chat.ratings import (
-    FINETUNED, BlindItem, describe_win_rate, make_blind_items, record_rating, win_rate,
-)
+from engine.chat.ratings import describe_win_rate, win_rate
 from engine.errors import LoraLabError
-from engine.training.rundir import list_runs
+from engine.training.rundir import list_runs, resolve_run
+from ui.context import AppContext, bind
 
 SOURCE_HELD_OUT, SOURCE_FILE, SOURCE_LINES = "Run's held-out split", "File", "Typed lines"
 LABELED_HEADERS = ["prompt", "base answer", "fine-tuned answer", "reference", "base F1", "fine-tuned F1"]
 BLIND_HEADERS = ["prompt", "answer A", "answer B", "reference"]
 CHOICE_BUTTONS = (("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both bad", "both_bad"))
-
-# One stop event per browser session; bounded so abandoned sessions cannot pile up.
-_stop_events: OrderedDict[str, threading.Event] = OrderedDict()
-_stop_lock = threading.Lock()
-MAX_SESSIONS = 256
+NOT_LOADED = "No model is loaded: choose a run (or an adapter folder) and press Load first."
 
 
 def _session(request: gr.Request | None) -> str:
     return getattr(request, "session_hash", None) or "default"
-
-
-def _fresh_stop_event(request) -> threading.Event:
-    with _stop_lock:
-        event = threading.Event()
-        _stop_events[_session(request)] = event
-        _stop_events.move_to_end(_session(request))
-        while len(_stop_events) > MAX_SESSIONS:
-            _stop_events.popitem(last=False)
-        return event
 
 
 def _error_text(error: Exception) -> str:
@@ -66,6 +58,13 @@ def _sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, gree
                     greedy=bool(greedy)).validated()
 
 
+def chat_models(ctx: AppContext) -> ChatModels:
+    """The app's one ``ChatModels``, made on first use (it loads nothing until Load is pressed)."""
+    if ctx.chat is None:
+        ctx.chat = ChatModels()
+    return ctx.chat
+
+
 # ----------------------------------------------------------------------------- choosing and loading
 def run_choices(runs_dir) -> list[tuple[str, str]]:
     choices = []
@@ -82,8 +81,6 @@ def refresh_runs(runs_dir, current):
 
 
 def _adapter_dropdown(runs_dir, run_name) -> dict:
-    from engine.training.rundir import resolve_run
-
     try:
         options = adapter_options(resolve_run(runs_dir, run_name)) if run_name else []
     except LoraLabError:
@@ -95,11 +92,12 @@ def adapter_choices(runs_dir, run_name):
     return gr.update(**_adapter_dropdown(runs_dir, run_name))
 
 
-def load_adapter(models: ChatModels, runs_dir, run_name, which, folder):
+def load_adapter(ctx: AppContext, run_name, which, folder):
     """Load the chosen run's adapter (or the adapter folder, when one is typed); returns the state in words."""
+    models = chat_models(ctx)
     try:
         target = (folder or "").strip() or (run_name or "")
-        source = resolve_adapter(runs_dir, target, which or LATEST)
+        source = resolve_adapter(ctx.runs_dir, target, which or LATEST)
         text = _markdown_lines(models.load(source))
         rate = describe_win_rate(*win_rate(source.ratings_dir))
         return text, rate
@@ -110,9 +108,10 @@ def load_adapter(models: ChatModels, runs_dir, run_name, which, folder):
 
 
 # ----------------------------------------------------------------------------- side-by-side chat
-def send(models: ChatModels, message, base_history, tuned_history, system_prompt, temperature, top_p,
+def send(ctx: AppContext, message, base_history, tuned_history, system_prompt, temperature, top_p,
          max_new_tokens, repetition_penalty, seed, greedy, request: gr.Request = None):
     """Stream both answers; yields (message box, base chatbot, fine-tuned chatbot, status)."""
+    models = chat_models(ctx)
     text = clean_messages([{"role": "user", "content": message}])[0]["content"].strip() if message else ""
     base_history, tuned_history = clean_messages(base_history), clean_messages(tuned_history)
     if not text:
@@ -121,11 +120,11 @@ def send(models: ChatModels, message, base_history, tuned_history, system_prompt
     try:
         sampling = _sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, greedy)
         if not models.loaded:
-            raise LoraLabError("No model is loaded: choose a run (or an adapter folder) and press Load first.")
+            raise LoraLabError(NOT_LOADED)
     except LoraLabError as error:
         yield gr.update(), base_history, tuned_history, _error_text(error)
         return
-    stop = _fresh_stop_event(request)
+    stop = ctx.chat_stops.fresh(_session(request))
     user = {"role": "user", "content": text}
     base_prompt = with_system_prompt(base_history + [user], system_prompt)
     tuned_prompt = with_system_prompt(tuned_history + [user], system_prompt)
@@ -145,11 +144,9 @@ def send(models: ChatModels, message, base_history, tuned_history, system_prompt
     yield "", base_view, tuned_view, f"{done} Same prompt and settings on both sides: {sampling.describe()}."
 
 
-def stop_generation(request: gr.Request = None):
-    with _stop_lock:
-        event = _stop_events.get(_session(request))
-    if event is not None:
-        event.set()
+def stop_generation(ctx: AppContext, request: gr.Request = None):
+    """Stop this browser session's generation (chat or batch) at its next token; other sessions go on."""
+    ctx.chat_stops.stop(_session(request))
     return "Stopping…"
 
 
@@ -158,7 +155,12 @@ def clear_chats():
 
 
 # ----------------------------------------------------------------------------- batch comparison
-def _prompt_set(runs_dir, models: ChatModels, source_kind, upload, lines, limit):
+def prompt_source_visibility(kind):
+    """(prompts file, typed lines) shown only for the source that uses them."""
+    return gr.update(visible=kind == SOURCE_FILE), gr.update(visible=kind == SOURCE_LINES)
+
+
+def _prompt_set(models: ChatModels, source_kind, upload, lines, limit):
     if source_kind == SOURCE_FILE:
         if not upload:
             raise LoraLabError("Upload a prompts file first (.txt with one prompt per line, or a dataset file).")
@@ -175,24 +177,22 @@ def _prompt_set(runs_dir, models: ChatModels, source_kind, upload, lines, limit)
     return prompts[:limit] if limit > 0 else prompts
 
 
-def table_rows(batch: dict | None, blind: bool) -> list[list]:
+def table_rows(session: BlindSession | None, blind: bool) -> list[list]:
     """The comparison table; in blind mode the columns are A and B, in each row's hidden order."""
-    rows = []
-    for row in (batch or {}).get("rows", []):
-        if blind:
-            a, b = (row["finetuned"], row["base"]) if row["a_side"] == FINETUNED else (row["base"], row["finetuned"])
-            rows.append([row["prompt"], a, b, row.get("reference") or ""])
-        else:
-            f1 = lambda value: "" if value is None else round(value, 3)
-            rows.append([row["prompt"], row["base"], row["finetuned"], row.get("reference") or "",
-                         f1(row.get("base_f1")), f1(row.get("finetuned_f1"))])
-    return rows
+    if session is None:
+        return []
+    f1 = lambda value: "" if value is None else round(value, 3)
+    if blind:
+        return [[item.prompt, item.answer_a, item.answer_b, item.reference or ""]
+                for item in map(session.item, range(len(session.rows)))]
+    return [[row["prompt"], row["base"], row["finetuned"], row.get("reference") or "", f1(row.get("base_f1")),
+             f1(row.get("finetuned_f1"))] for row in session.rows]
 
 
-def _table(batch, blind):
+def _table(session, blind):
     import pandas as pd
 
-    return pd.DataFrame(table_rows(batch, blind), columns=BLIND_HEADERS if blind else LABELED_HEADERS)
+    return pd.DataFrame(table_rows(session, blind), columns=BLIND_HEADERS if blind else LABELED_HEADERS)
 
 
 def _f1_summary(rows: list[dict]) -> str:
@@ -204,91 +204,73 @@ def _f1_summary(rows: list[dict]) -> str:
             f"fine-tuned {mean('finetuned_f1'):.3f}.")
 
 
-def run_batch(models: ChatModels, runs_dir, source_kind, upload, lines, limit, blind, system_prompt, temperature,
-              top_p, max_new_tokens, repetition_penalty, seed, greedy, request: gr.Request = None):
-    """Answer every prompt with both sides; yields (status, table, batch state, rating panel...)."""
+def run_batch(ctx: AppContext, source_kind, upload, lines, limit, blind, system_prompt, temperature, top_p,
+              max_new_tokens, repetition_penalty, seed, greedy, request: gr.Request = None):
+    """Answer every prompt with both sides; yields (status, table, blind session, rating panel...).
+
+    The rating panel stays hidden while answers arrive and opens on the first row when the batch ends.
+    """
+    models = chat_models(ctx)
     try:
         if not models.loaded:
-            raise LoraLabError("No model is loaded: choose a run (or an adapter folder) and press Load first.")
+            raise LoraLabError(NOT_LOADED)
         sampling = _sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, greedy)
-        prompts = _prompt_set(runs_dir, models, source_kind, upload, lines, limit)
+        prompts = _prompt_set(models, source_kind, upload, lines, limit)
     except Exception as error:  # noqa: BLE001
-        yield (_error_text(error), gr.update(), gr.update(), *_rating_panel(None, bool(blind)))
+        yield (_error_text(error), gr.update(), gr.update(), *rating_panel(None, bool(blind)))
         return
-    stop = _fresh_stop_event(request)
-    source = models.active
-    batch = {"rows": [], "rated": [], "label": source.label, "adapter": str(source.path),
-             "ratings_dir": str(source.ratings_dir), "base_model": source.base_model,
-             "sampling": {**sampling.as_dict(), "system_prompt": system_prompt or ""}}
-    yield (f"Answering {len(prompts)} prompt(s) with both sides…", _table(batch, blind), batch,
-           *_rating_panel(None, bool(blind)))
+    stop = ctx.chat_stops.fresh(_session(request))
+    session = BlindSession.start(models.active, {**sampling.as_dict(), "system_prompt": system_prompt or ""})
+    yield (f"Answering {len(prompts)} prompt(s) with both sides…", _table(session, blind), session,
+           *rating_panel(None, bool(blind)))
     try:
         for row in models.compare(prompts, sampling, system_prompt=system_prompt, stop_event=stop):
-            record = row.as_dict()
-            record["a_side"] = make_blind_items([record])[0].a_side
-            batch["rows"].append(record)
-            batch["rated"].append(False)
-            yield (f"Answered {len(batch['rows'])} of {len(prompts)}…", _table(batch, blind), batch,
-                   *_rating_panel(None, bool(blind)))
+            session.add(row.as_dict())
+            yield (f"Answered {len(session.rows)} of {len(prompts)}…", _table(session, blind), session,
+                   *rating_panel(None, bool(blind)))
     except Exception as error:  # noqa: BLE001
-        yield (_error_text(error), _table(batch, blind), batch, *_rating_panel(batch, bool(blind)))
+        yield (_error_text(error), _table(session, blind), session, *rating_panel(session, bool(blind)))
         return
     done = "Stopped" if stop.is_set() else "Done"
-    status = f"{done}: {len(batch['rows'])} of {len(prompts)} prompt(s) answered by both sides.{_f1_summary(batch['rows'])}"
+    status = (f"{done}: {len(session.rows)} of {len(prompts)} prompt(s) answered by both sides."
+              f"{_f1_summary(session.rows)}")
     if blind:
         status += " Rate them below: answers are shown as A and B in random order."
-    yield (status, _table(batch, blind), batch, *_rating_panel(batch, bool(blind)))
+    yield (status, _table(session, blind), session, *rating_panel(session, bool(blind)))
 
 
-def toggle_blind(batch, blind):
-    return (_table(batch, blind), *_rating_panel(batch, bool(blind)))
+def toggle_blind(session, blind):
+    return (_table(session, blind), *rating_panel(session, bool(blind)))
 
 
 # ----------------------------------------------------------------------------- blind rating
-def _next_unrated(batch) -> int | None:
-    return next((i for i, rated in enumerate((batch or {}).get("rated", [])) if not rated), None)
+def rating_panel(session: BlindSession | None, blind: bool):
+    """(panel visibility, prompt text, answer A, answer B, win-rate text): the session's view, in Markdown."""
+    if session is None:
+        return gr.update(visible=False), "", "", "", gr.update()
+    view = session.view(bool(blind))
+    if view.item is None:
+        prompt = "All answers in this table are rated." if view.all_rated else ""
+        return gr.update(visible=view.visible), prompt, "", "", view.win_rate
+    prompt = f"**Prompt {view.position} of {view.total}** ({view.rated} rated)\n\n{view.item.prompt}"
+    if view.item.reference:
+        prompt += f"\n\n*Reference answer:* {view.item.reference}"
+    return gr.update(visible=True), prompt, view.item.answer_a, view.item.answer_b, view.win_rate
 
 
-def _rating_panel(batch, blind: bool):
-    """(panel visibility, prompt text, answer A, answer B, win-rate text) for the next unrated row."""
-    index = _next_unrated(batch) if blind else None
-    rate_text = describe_win_rate(*win_rate(batch["ratings_dir"])) if batch else gr.update()
-    if index is None:
-        done = blind and batch and batch.get("rows")
-        prompt = "All answers in this table are rated." if done else ""
-        return gr.update(visible=bool(done)), prompt, "", "", rate_text
-    row = batch["rows"][index]
-    a, b = (row["finetuned"], row["base"]) if row["a_side"] == FINETUNED else (row["base"], row["finetuned"])
-    rated = sum(batch["rated"])
-    prompt = f"**Prompt {index + 1} of {len(batch['rows'])}** ({rated} rated)\n\n{row['prompt']}"
-    if row.get("reference"):
-        prompt += f"\n\n*Reference answer:* {row['reference']}"
-    return gr.update(visible=True), prompt, a, b, rate_text
-
-
-def rate(batch, choice: str):
-    """Record the choice for the next unrated row and show the one after."""
-    index = _next_unrated(batch)
-    if index is None:
-        return (batch, *_rating_panel(batch, True))
-    row = batch["rows"][index]
-    a, b = (row["finetuned"], row["base"]) if row["a_side"] == FINETUNED else (row["base"], row["finetuned"])
-    item = BlindItem(prompt=row["prompt"], answer_a=a, answer_b=b, a_side=row["a_side"], reference=row.get("reference"))
-    from pathlib import Path
-
-    from engine.training.rundir import RunPaths
-
-    record_rating(RunPaths(Path(batch["ratings_dir"])).ratings, item, choice, sampling=batch["sampling"],
-                  adapter=batch["adapter"], base_model=batch["base_model"])
-    batch["rated"][index] = True
-    return (batch, *_rating_panel(batch, True))
+def rate(choice: str, session: BlindSession | None):
+    """Record ``choice`` for the next unrated row and show the one after; nothing is recorded once all are rated."""
+    try:
+        if session is not None:
+            session.rate(choice)
+        return (session, *rating_panel(session, True))
+    except Exception as error:  # noqa: BLE001 - an unwritable ratings file, say: the panel stays, the tally says why
+        return (session, gr.update(), gr.update(), gr.update(), gr.update(), _error_text(error))
 
 
 # ----------------------------------------------------------------------------- layout
-def build(ctx) -> None:
-    if ctx.chat is None:
-        ctx.chat = ChatModels()
-    models: ChatModels = ctx.chat
+def build(ctx: AppContext) -> None:
+    models = chat_models(ctx)
     runs_dir = ctx.runs_dir
 
     gr.Markdown(
@@ -347,7 +329,7 @@ def build(ctx) -> None:
     table = gr.Dataframe(headers=BLIND_HEADERS, interactive=False, wrap=True, label="Answers")
     batch_state = gr.State(None)
 
-    with gr.Group(visible=False) as rating_panel:
+    with gr.Group(visible=False) as panel_group:
         rating_prompt = gr.Markdown()
         with gr.Row():
             answer_a = gr.Textbox(label="Answer A", lines=6, interactive=False)
@@ -355,52 +337,34 @@ def build(ctx) -> None:
         with gr.Row():
             choice_buttons = [(gr.Button(text), value) for text, value in CHOICE_BUTTONS]
     win_text = gr.Markdown("No blind ratings yet.")
-    panel_outputs = [rating_panel, rating_prompt, answer_a, answer_b, win_text]
+    panel_outputs = [panel_group, rating_prompt, answer_a, answer_b, win_text]
 
     # ------------------------------------------------------------------ wiring
-    refresh_button.click(lambda current: refresh_runs(runs_dir, current), run_box, run_box, api_name="refresh_runs")
-    run_box.focus(lambda current: refresh_runs(runs_dir, current), run_box, run_box, api_visibility="private")
-    run_box.change(lambda name: adapter_choices(runs_dir, name), run_box, adapter_box, api_name="adapter_choices")
-    load_button.click(lambda run, which, folder: load_adapter(models, runs_dir, run, which, folder),
-                      [run_box, adapter_box, folder_box], [load_state, win_text], api_name="load")
+    refresh_button.click(bind(refresh_runs, runs_dir), run_box, run_box, api_name="refresh_runs")
+    run_box.focus(bind(refresh_runs, runs_dir), run_box, run_box, api_visibility="private")
+    run_box.change(bind(adapter_choices, runs_dir), run_box, adapter_box, api_name="adapter_choices")
+    load_button.click(bind(load_adapter, ctx), [run_box, adapter_box, folder_box], [load_state, win_text],
+                      api_name="load")
 
     chat_inputs = [message, base_chat, tuned_chat, system_box, *sampling_inputs]
     chat_outputs = [message, base_chat, tuned_chat, chat_status]
-
-    def send_handler(message, base_history, tuned_history, system_prompt, temperature, top_p, max_new_tokens,
-                     repetition_penalty, seed, greedy, request: gr.Request):
-        yield from send(models, message, base_history, tuned_history, system_prompt, temperature, top_p,
-                        max_new_tokens, repetition_penalty, seed, greedy, request)
-
-    send_event = send_button.click(send_handler, chat_inputs, chat_outputs, api_name="send", show_progress="minimal")
-    submit_event = message.submit(send_handler, chat_inputs, chat_outputs, api_visibility="private",
+    send_event = send_button.click(bind(send, ctx), chat_inputs, chat_outputs, api_name="send",
+                                   show_progress="minimal")
+    submit_event = message.submit(bind(send, ctx), chat_inputs, chat_outputs, api_visibility="private",
                                   show_progress="minimal")
     clear_button.click(clear_chats, None, [base_chat, tuned_chat, chat_status], api_name="clear")
 
-    def batch_handler(source_kind, upload, lines, limit, blind, system_prompt, temperature, top_p, max_new_tokens,
-                      repetition_penalty, seed, greedy, request: gr.Request):
-        yield from run_batch(models, runs_dir, source_kind, upload, lines, limit, blind, system_prompt, temperature,
-                             top_p, max_new_tokens, repetition_penalty, seed, greedy, request)
-
     batch_event = batch_button.click(
-        batch_handler, [source_kind, prompt_file, prompt_lines, limit, blind, system_box, *sampling_inputs],
+        bind(run_batch, ctx), [source_kind, prompt_file, prompt_lines, limit, blind, system_box, *sampling_inputs],
         [batch_status, table, batch_state, *panel_outputs], api_name="batch")
     running = [send_event, submit_event, batch_event]
     # The stop event ends generation inside the model at the next token; cancelling the UI events
     # alone would leave the worker thread generating.
-    stop_button.click(stop_generation, None, chat_status, cancels=running, queue=False, api_name="stop")
-    batch_stop_button.click(stop_generation, None, batch_status, cancels=running, queue=False,
+    stop_button.click(bind(stop_generation, ctx), None, chat_status, cancels=running, queue=False, api_name="stop")
+    batch_stop_button.click(bind(stop_generation, ctx), None, batch_status, cancels=running, queue=False,
                             api_visibility="private")
 
-    source_kind.change(lambda kind: (gr.update(visible=kind == SOURCE_FILE), gr.update(visible=kind == SOURCE_LINES)),
-                       source_kind, [prompt_file, prompt_lines], api_visibility="private")
+    source_kind.change(prompt_source_visibility, source_kind, [prompt_file, prompt_lines], api_visibility="private")
     blind.change(toggle_blind, [batch_state, blind], [table, *panel_outputs], api_visibility="private")
     for button, value in choice_buttons:
-        button.click(_rater(value), batch_state, [batch_state, *panel_outputs], api_name=f"rate_{value.lower()}")
-
-
-def _rater(choice: str):
-    def handler(batch):
-        return rate(batch, choice)
-
-    return handler
+        button.click(bind(rate, value), batch_state, [batch_state, *panel_outputs], api_name=f"rate_{value.lower()}")

@@ -1,42 +1,32 @@
 """Dataset tab: what the model will be trained on, before a run starts.
 
-Layout only; loading, rendering and counting are ``engine.data.load*`` functions, the same
-ones the worker trains with. The preview reads the first rows; the statistics run over
-the whole dataset in a background thread that a ``gr.Timer`` polls.
+Layout, wiring and module-level handlers of plain values; loading, rendering and counting are
+``engine.data`` functions, the same ones the worker trains with. The preview reads the first
+rows; the statistics run over the whole dataset as a pass in ``ctx.stats_jobs`` (an
+``engine.data.report.StatsJobs``) that a ``gr.Timer`` polls by the id the session keeps.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import threading
-import uuid
-from collections import OrderedDict
 
 import gradio as gr
 
-from engine.data.formats import FORMATS
+from engine.data.formats import FORMAT_CHOICES
+from engine.data.preview import SHARED_TOKENIZER_USE
+from ui.context import AppContext, bind
 
 PREVIEW_ROWS = 500
 PAGE_SIZE = 10
 RAW_CHARS = 300
 DEFAULT_MAX_LENGTH = 1024
-DEFAULT_MAX_UPLOAD_MB = 1024
 TABLE_HEADERS = ["row", "line", "raw record", "tokens", "trained", "truncated"]
 COLOR_MAP = {"trained": "#22c55e", "cut off by max_length": "#ef4444"}
 LEGEND = (
     "Green: tokens the loss is computed on (assistant turns, or all of a text row). "
     "Unmarked: masked from the loss (label -100). Red: beyond `max_length`, cut off before training."
 )
-
-# Background statistics jobs, by id (a session keeps its id in gr.State). Bounded, so an
-# abandoned browser tab cannot grow this forever.
-_jobs: OrderedDict[str, object] = OrderedDict()
-_jobs_lock = threading.Lock()
-MAX_JOBS = 8
-# The cached tokenizers are shared by every session, and a fast tokenizer must not encode
-# from two threads at once; previews encode a handful of rows, so taking turns is cheap.
-_tokenizer_use = threading.Lock()
 
 
 def _error_text(exc: Exception) -> str:
@@ -75,16 +65,16 @@ def _raw_text(value) -> str:
 
 
 # ----------------------------------------------------------------------------- handlers
-def load_preview(source, upload, split, fmt, columns, skip_bad, model, max_length, max_upload_mb):
+def load_preview(ctx: AppContext, source, upload, split, fmt, columns, skip_bad, model, max_length):
     """Read the first rows; returns (status, preview state, page, table, rendered, row info, row number)."""
     from engine.data.load import load_dataset_rows
 
     try:
-        path = _source_of(source, upload, max_upload_mb)
+        path = _source_of(source, upload, ctx.max_upload_mb)
         loaded = load_dataset_rows(
             path, fmt or "auto", columns or None, bool(skip_bad), split or "train", limit=PREVIEW_ROWS, keep_raw=True
         )
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - shown as a sentence, never a stack trace
         return _error_text(exc), None, 1, [], [], "", 1
     detected = "detected" if (fmt or "auto") == "auto" else "chosen"
     more = (
@@ -115,7 +105,7 @@ def _tokenizer_for(preview: dict):
     try:
         tokenizer = load_tokenizer(preview["model"])
         return tokenizer, training_template(tokenizer), ""
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - the preview still shows the rows without a tokenizer
         return None, None, _error_text(exc)
 
 
@@ -133,10 +123,10 @@ def _page_table(preview: dict | None, page: int) -> list[list]:
         tokens = trained = truncated = ""
         if tokenizer is not None:
             try:
-                with _tokenizer_use:
+                with SHARED_TOKENIZER_USE:
                     encoded = encode_row(tokenizer, loaded.rows[index], template, max_length)
                 tokens, trained, truncated = encoded.length, encoded.trained_tokens, "yes" if encoded.truncated else ""
-            except Exception:
+            except Exception:  # noqa: BLE001 - one row that cannot be encoded does not hide the page
                 tokens = "?"
         raw = loaded.raw[index] if loaded.raw is not None else loaded.rows[index]
         table.append([index + 1, loaded.numbers[index], _raw_text(raw), tokens, trained, truncated])
@@ -158,10 +148,10 @@ def _render(preview: dict | None, row_number) -> tuple[list, str]:
         return [], error
     max_length = _int(preview["max_length"], DEFAULT_MAX_LENGTH)
     try:
-        with _tokenizer_use:
+        with SHARED_TOKENIZER_USE:
             encoded = encode_row(tokenizer, loaded.rows[index], template, max_length)
             segments = render_segments(tokenizer, encoded)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - shown as a sentence, never a stack trace
         return [], _error_text(exc)
     origin = {"tokenizer": "the tokenizer's own", "trl training template": "TRL's training version of the tokenizer's"}
     info = [
@@ -196,20 +186,25 @@ def select_row(preview, page, event: gr.SelectData):
     return row_number, segments, info
 
 
+def page_before(page) -> int:
+    return max(1, _int(page, 1) - 1)
+
+
+def page_after(page) -> int:
+    return _int(page, 1) + 1  # show_page clamps it to the last page
+
+
 def start_stats(
-    old_job, source, upload, split, fmt, columns, skip_bad, model, max_length, eval_fraction, eval_file,
-    batch_size, grad_accum, seed, max_upload_mb,
+    ctx: AppContext, old_job, source, upload, split, fmt, columns, skip_bad, model, max_length, eval_fraction,
+    eval_file, batch_size, grad_accum, seed,
 ):
     """Start the whole-dataset pass; returns (job id, progress text, timer)."""
-    from engine.data.report import StatsJob
-
-    if old_job and old_job in _jobs:
-        _jobs[old_job].cancel()
+    ctx.stats_jobs.cancel(old_job)  # one pass per session: a new one replaces it
     try:
-        path = _source_of(source, upload, max_upload_mb)
-    except Exception as exc:
+        path = _source_of(source, upload, ctx.max_upload_mb)
+    except Exception as exc:  # noqa: BLE001 - shown as a sentence, never a stack trace
         return None, _error_text(exc), gr.Timer(active=False)
-    job = StatsJob(
+    job_id = ctx.stats_jobs.start(
         source=path,
         fmt=fmt or "auto",
         column_map=columns or None,
@@ -223,19 +218,12 @@ def start_stats(
         batch_size=_int(batch_size, 1),
         grad_accum=_int(grad_accum, 1),
     )
-    job_id = uuid.uuid4().hex
-    with _jobs_lock:
-        _jobs[job_id] = job
-        while len(_jobs) > MAX_JOBS:
-            _, oldest = _jobs.popitem(last=False)
-            oldest.cancel()
-    job.start()
     return job_id, "Statistics: starting…", gr.Timer(active=True)
 
 
-def poll_stats(job_id):
+def poll_stats(ctx: AppContext, job_id):
     """Returns (progress text, histogram figure, figures table, warnings text, timer)."""
-    job = _jobs.get(job_id) if job_id else None
+    job = ctx.stats_jobs.get(job_id)
     if job is None:
         return "No statistics running.", None, [], "", gr.Timer(active=False)
     snap = job.snapshot()
@@ -255,11 +243,8 @@ def poll_stats(job_id):
     return text, figure, figures_table(report), warnings, gr.Timer(active=False)
 
 
-def stop_stats(job_id):
-    job = _jobs.get(job_id) if job_id else None
-    if job is not None:
-        job.cancel()
-    return "Stopping…" if job is not None else "No statistics running."
+def stop_stats(ctx: AppContext, job_id):
+    return "Stopping…" if ctx.stats_jobs.cancel(job_id) else "No statistics running."
 
 
 def _error_text_from(message: str | None) -> str:
@@ -341,15 +326,13 @@ def _starting_values() -> dict:
             batch=config.train.per_device_train_batch_size, accumulation=config.train.gradient_accumulation_steps,
             eval_fraction=config.data.eval_fraction, seed=config.train.seed,
         )
-    except Exception:  # the tab still works with its own defaults
+    except Exception:  # noqa: BLE001 - the tab still works with its own defaults
         pass
     return values
 
 
-def build(ctx) -> None:
-    max_upload_mb = float(getattr(ctx, "max_upload_mb", None) or DEFAULT_MAX_UPLOAD_MB)
+def build(ctx: AppContext) -> None:
     start = _starting_values()
-    upload_cap = gr.State(max_upload_mb)
 
     gr.Markdown("Check what the model will be trained on: the rows, the chat template, the loss mask and the lengths.")
     with gr.Row():
@@ -360,13 +343,13 @@ def build(ctx) -> None:
             scale=3,
         )
         upload = gr.File(
-            label=f"…or upload a file (up to {max_upload_mb:.0f} MB)",
+            label=f"…or upload a file (up to {ctx.max_upload_mb:g} MB)",
             file_types=[".jsonl", ".json", ".csv", ".tsv", ".parquet"],
             type="filepath",
             scale=2,
         )
     with gr.Row():
-        fmt = gr.Dropdown(["auto", *FORMATS], value="auto", label="Format")
+        fmt = gr.Dropdown(list(FORMAT_CHOICES), value="auto", label="Format")
         columns = gr.Textbox(label="Column map", placeholder="instruction=question, output=answer")
         split = gr.Textbox(value="train", label="Split (hub datasets)")
         skip_bad = gr.Checkbox(value=False, label="Skip bad rows")
@@ -419,30 +402,32 @@ def build(ctx) -> None:
 
     settings = [source, upload, split, fmt, columns, skip_bad, model, max_length]
     load_event = load_button.click(
-        load_preview,
-        inputs=[*settings, upload_cap],
+        bind(load_preview, ctx),
+        inputs=settings,
         outputs=[status, preview, page, table, rendered, row_info, row_number],
         api_name="load_preview",
     )
-    stats_inputs = [job_id, *settings, eval_fraction, eval_file, batch_size, grad_accum, seed, upload_cap]
+    stats_inputs = [job_id, *settings, eval_fraction, eval_file, batch_size, grad_accum, seed]
     load_event.success(
-        start_stats,
+        bind(start_stats, ctx),
         inputs=stats_inputs,
         outputs=[job_id, progress, timer],
         api_name="start_stats_after_load",
         api_visibility="private",
     )
-    stats_button.click(start_stats, inputs=stats_inputs, outputs=[job_id, progress, timer], api_name="start_stats")
-    stop_button.click(stop_stats, inputs=[job_id], outputs=[progress], api_name="stop_stats")
+    stats_button.click(bind(start_stats, ctx), inputs=stats_inputs, outputs=[job_id, progress, timer],
+                       api_name="start_stats")
+    stop_button.click(bind(stop_stats, ctx), inputs=[job_id], outputs=[progress], api_name="stop_stats")
     timer.tick(
-        poll_stats, inputs=[job_id], outputs=[progress, histogram, figures, warnings, timer], api_name="poll_stats"
+        bind(poll_stats, ctx), inputs=[job_id], outputs=[progress, histogram, figures, warnings, timer],
+        api_name="poll_stats",
     )
 
     page.submit(show_page, inputs=[preview, page], outputs=[page, table], api_name="show_page")
-    previous_page.click(lambda p: max(1, _int(p, 1) - 1), inputs=[page], outputs=[page], api_visibility="private").then(
+    previous_page.click(page_before, inputs=[page], outputs=[page], api_visibility="private").then(
         show_page, inputs=[preview, page], outputs=[page, table], api_visibility="private"
     )
-    next_page.click(lambda p: _int(p, 1) + 1, inputs=[page], outputs=[page], api_visibility="private").then(
+    next_page.click(page_after, inputs=[page], outputs=[page], api_visibility="private").then(
         show_page, inputs=[preview, page], outputs=[page, table], api_visibility="private"
     )
     row_number.submit(show_row, inputs=[preview, row_number], outputs=[rendered, row_info], api_name="show_row")

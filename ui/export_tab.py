@@ -1,16 +1,17 @@
 """Export tab: ship a run as an adapter package or a merged model, verified, and download it.
 
-Layout and wiring only; exporting, verifying and zipping are ``engine.export.exporter`` functions
-(the same ones ``python -m engine export`` runs). One export runs at a time: a merge
-holds the whole base model in memory.
+Layout, wiring and module-level handlers; exporting, verifying and zipping are ``engine.export``
+functions (the same ones ``python -m engine export`` runs), and so is the policy of one export
+at a time per exports folder (``engine.export.lock``), which the command line obeys too.
 """
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import gradio as gr
+
+from ui.context import AppContext, bind
 
 KIND_LABELS = {"Adapter package (PEFT)": "adapter", "Merged model (standalone)": "merged"}
 EXPLANATION = (
@@ -20,12 +21,14 @@ EXPLANATION = (
     "checked against the run's model (logits and greedy decoding) before it is kept, and carries a model card "
     "(`README.md`) and `lineage.json` naming the base model, data, metrics and software."
 )
-_export_lock = threading.Lock()
 
 
 def _error_text(error: Exception) -> str:
     from engine.errors import LoraLabError
+    from engine.export.lock import ExportBusyError
 
+    if isinstance(error, ExportBusyError):
+        return f"**Export not started:** {error}"
     if isinstance(error, LoraLabError):
         return f"**Export failed:** {error}"
     return f"**Unexpected error** ({type(error).__name__}): {error}"
@@ -44,6 +47,16 @@ def export_choices(exports_dir: Path, selected: str | None = None):
 
     names = [item["name"] for item in list_exports(exports_dir)]
     return gr.update(choices=names, value=selected if selected in names else (names[0] if names else None))
+
+
+def refresh_lists(ctx: AppContext):
+    """(runs dropdown, exports dropdown), both read again from disk."""
+    return run_choices(ctx.runs_dir), export_choices(ctx.exports_dir)
+
+
+def hide_download(_export_name):
+    """A different export is chosen: the prepared zip's button no longer belongs to it."""
+    return gr.update(visible=False)
 
 
 def report_markdown(result) -> str:
@@ -66,15 +79,13 @@ def report_markdown(result) -> str:
     return "\n".join(lines)
 
 
-def do_export(ctx, run_name, kind_label, dtype, shard_size, name, overwrite, progress=None):
-    """Returns (status markdown, exports dropdown update)."""
-    from engine.training import rundir
+def do_export(ctx: AppContext, run_name, kind_label, dtype, shard_size, name, overwrite, progress=gr.Progress()):
+    """Returns (status markdown, exports dropdown update). A second export while one runs is refused in words."""
     from engine.export.exporter import export_run
+    from engine.training import rundir
 
     if not run_name:
         return "**Export failed:** choose a run with an adapter first (press Refresh if it just finished).", gr.update()
-    if not _export_lock.acquire(blocking=False):
-        return "**Export not started:** another export is running; wait for it to finish.", gr.update()
     try:
         report = (lambda fraction, message: progress(fraction, desc=message)) if progress else None
         run_dir = rundir.resolve_run(ctx.runs_dir, run_name)
@@ -84,11 +95,9 @@ def do_export(ctx, run_name, kind_label, dtype, shard_size, name, overwrite, pro
         return report_markdown(result), export_choices(ctx.exports_dir, result.name)
     except Exception as error:  # noqa: BLE001 - shown as a sentence, never a stack trace
         return _error_text(error), gr.update()
-    finally:
-        _export_lock.release()
 
 
-def do_zip(ctx, export_name, progress=None):
+def do_zip(ctx: AppContext, export_name, progress=gr.Progress()):
     """Returns (zip status markdown, download button update)."""
     from engine.export.exporter import zip_export
 
@@ -105,7 +114,7 @@ def do_zip(ctx, export_name, progress=None):
 
 
 # ----------------------------------------------------------------------------- layout
-def build(ctx) -> None:
+def build(ctx: AppContext) -> None:
     from engine.export.exporter import exportable_runs, list_exports
 
     gr.Markdown(EXPLANATION)
@@ -137,17 +146,8 @@ def build(ctx) -> None:
     zip_status = gr.Markdown()
     download = gr.DownloadButton("Download zip", visible=False)
 
-    def refresh_both():
-        return run_choices(ctx.runs_dir), export_choices(ctx.exports_dir)
-
-    def on_export(run_name, kind_label, dtype_value, shard_size, export_name, replace, progress=gr.Progress()):
-        return do_export(ctx, run_name, kind_label, dtype_value, shard_size, export_name, replace, progress)
-
-    def on_zip(export_name, progress=gr.Progress()):
-        return do_zip(ctx, export_name, progress)
-
-    refresh.click(refresh_both, outputs=[run, existing], api_name="export_refresh")
-    export_button.click(on_export, inputs=[run, kind, dtype, shard, name, overwrite], outputs=[status, existing],
-                        api_name="export_run")
-    existing.change(lambda _: gr.update(visible=False), inputs=existing, outputs=download, api_name=False)
-    zip_button.click(on_zip, inputs=existing, outputs=[zip_status, download], api_name="export_zip")
+    refresh.click(bind(refresh_lists, ctx), outputs=[run, existing], api_name="export_refresh")
+    export_button.click(bind(do_export, ctx), inputs=[run, kind, dtype, shard, name, overwrite],
+                        outputs=[status, existing], api_name="export_run")
+    existing.change(hide_download, inputs=existing, outputs=download, api_name=False)
+    zip_button.click(bind(do_zip, ctx), inputs=existing, outputs=[zip_status, download], api_name="export_zip")

@@ -1,4 +1,5 @@
-"""The Memory tab: "will this fit, and why?" before a run, prediction against measurement after.
+"""The Memory tab: "will this fit, and why?" before a run, prediction against measurement after,
+and full / LoRA / QLoRA measured side by side on this machine (``engine.measurements``).
 
 Layout and wiring only; the numbers come from ``engine.memory.estimator``. The pure helpers below
 (form -> settings, estimates -> figure / table / text, run directory -> comparison) are
@@ -187,6 +188,11 @@ def estimate_view(values: dict[str, Any]):
     return comparison_figure(estimates, gpu), terms_table(chosen), summary_markdown(arch, settings, chosen, gpu)
 
 
+def measure_from_components(runs_dir: Path, jobs, components: dict[str, Any], data: dict):
+    """Gradio's {component: value} for the measurement's inputs, as names; then ``run_measure``."""
+    yield from run_measure(runs_dir, jobs, {name: data[component] for name, component in components.items()})
+
+
 def estimate_from_components(components: dict[str, Any], data: dict):
     """Gradio hands a set of inputs over as {component: value}; turn it back into names."""
     return estimate_view({name: data[component] for name, component in components.items()})
@@ -275,6 +281,194 @@ def run_names(runs_dir: Path) -> list[str]:
         return []
 
 
+# ----------------------------------------------------------------------------- measured comparison
+MEASURE_INTRO = (
+    "Train a few steps of **full fine-tuning, LoRA and QLoRA** of one model here, each in its own worker "
+    "process, and set what they really held beside the prediction. It uses the LoRA, optimizer and precision "
+    "settings above, and the model, batch and length below (short, so it takes minutes on a CPU; a catalog "
+    "architecture is built once with random weights: memory does not depend on their values). On a GPU the "
+    "measured peak is `torch.cuda.max_memory_allocated`; on the CPU it is the peak of live tensors, and the "
+    "worker's peak RSS minus its baseline is shown beside it."
+)
+GROUP_COLOURS = {"weights": "#1f77b4", "trainable": "#2ca02c", "activations": "#d62728"}
+
+
+def measure_request_from_values(values: dict[str, Any]):
+    """The form's LoRA settings plus the measurement's own model, batch, length and steps."""
+    from engine.measurements import DEFAULT_MODEL, MeasureRequest
+
+    def number(name: str, default: int) -> int:
+        value = values.get(name)
+        return default if value in (None, "") else int(value)
+
+    settings = replace(settings_from_values(values), method="lora", batch_size=number("measure_batch", 1),
+                       seq_len=number("measure_seq_len", 48))
+    return MeasureRequest(model=str(values.get("measure_model") or DEFAULT_MODEL).strip(), settings=settings,
+                          steps=number("measure_steps", 2))
+
+
+def measurement_figure(result: dict) -> go.Figure:
+    """Predicted and measured peak, side by side per method, stacked by group; RSS minus baseline as a marker."""
+    from engine.measurements.measure import GROUPS
+
+    methods = [m for m in result.get("methods", {}).values() if m.get("measured") or m.get("predicted")]
+    fig = go.Figure()
+    if not methods:
+        return fig
+    x = [[m["label"] for m in methods for _ in (0, 1)], ["predicted", "measured"] * len(methods)]
+    for group, title in GROUPS.items():
+        values = []
+        for m in methods:
+            for kind in ("predicted", "measured"):
+                values.append(((m.get(kind) or {}).get("groups") or {}).get(group, 0) / GIB)
+        fig.add_trace(go.Bar(x=x, y=values, name=title, marker_color=GROUP_COLOURS[group],
+                             hovertemplate="%{x}<br>" + title + ": %{y:.3f} GiB<extra></extra>"))
+    peaks = [((m.get(kind) or {}).get("peak_bytes") or 0) / GIB for m in methods for kind in ("predicted", "measured")]
+    rss = [None if kind == "predicted" or result.get("device") == "cuda" else
+           ((m.get("measured") or {}).get("rss_peak_minus_baseline_bytes") or 0) / GIB
+           for m in methods for kind in ("predicted", "measured")]
+    # Each bar's total above the bar, and above its RSS diamond when that is higher, so the two never overlap.
+    lift = 0.04 * max(peaks + [level or 0 for level in rss])  # about half a diamond at the chart's scale
+    tops = [max(peak, (level or 0) + lift) for peak, level in zip(peaks, rss)]
+    fig.add_trace(go.Scatter(x=x, y=tops, mode="text", text=[f"{v:.2f} GiB" if v else "" for v in peaks],
+                             textposition="top center", showlegend=False, hoverinfo="skip"))
+    if any(rss):
+        fig.add_trace(go.Scatter(x=x, y=rss, mode="markers", name="peak RSS minus process baseline",
+                                 marker={"symbol": "diamond", "size": 11, "color": "#111"},
+                                 hovertemplate="%{x}<br>peak RSS minus baseline: %{y:.3f} GiB<extra></extra>"))
+    unit = "torch.cuda.max_memory_allocated" if result.get("device") == "cuda" else "peak of live tensors"
+    headline = (result.get("summary") or [""])[0]
+    fig.update_layout(barmode="stack", yaxis_title=f"GiB ({unit})", legend_title="at the peak",
+                      margin={"l": 50, "r": 20, "t": 60, "b": 60}, uirevision="memory-measured",
+                      title={"text": f"{result.get('model_name') or result.get('model')}: measured beside predicted"
+                                     f"<br><sup>{headline}</sup>"})
+    return fig
+
+
+def measurement_markdown(result: dict) -> str:
+    """The headline sentences, what was run, and the machine's notes."""
+    state = result.get("state", "complete")
+    if state != "complete":
+        runs = ", ".join(f"{m}: {s}" for m, s in (result.get("runs") or {}).items())
+        return f"**{result.get('id')}** ({result.get('model')}) is {state}: {runs}."
+    s = result.get("settings") or {}
+    first = next(iter(result.get("methods", {}).values()), {})
+    shape = (first.get("measured") or {}).get("batch_shape") or [s.get("batch_size"), s.get("seq_len")]
+    summary = result.get("summary", [])
+    lines = [" ".join(f"**{sentence}**" if i == 0 else sentence for i, sentence in enumerate(summary)),
+             "",
+             f"{result.get('model_name') or result.get('model')} ({(result.get('parameters') or 0) / 1e6:.0f} M "
+             f"parameters) on "
+             f"{result.get('device')}, {result.get('steps')} steps of batch {shape[0]} x {shape[1]} tokens, "
+             f"rank {s.get('rank')}, {s.get('optimizer')}, "
+             f"checkpointing {'on' if s.get('gradient_checkpointing') else 'off'}; "
+             f"took {result.get('wall_s') or 0:.0f} s ({result.get('cpu_seconds') or 0:.0f} CPU-seconds in the "
+             f"three workers). Saved as `{result.get('id')}`."]
+    notes = result.get("notes", []) + sorted({n for m in result.get("methods", {}).values()
+                                               for n in m.get("fallbacks", [])})
+    if notes:
+        lines += ["", "Machine notes: " + " ".join(notes)]
+    lines += ["", "Groups at the peak: *weights* of the base model; *trainable state*: adapters, gradients and "
+                  "optimizer states; *activations*: what forward and backward keep, and temporaries."]
+    if result.get("device") != "cuda":
+        lines += ["", "*Measured* is the peak of live tensors (every tensor torch created, rounded to 512 bytes as "
+                      "the CUDA allocator does), split by what was alive at that moment. The diamond is the worker's "
+                      "peak resident memory while training minus its baseline before the weights loaded (freed heap "
+                      "handed back to the OS first): the operating system's view, with allocator caches and library "
+                      "buffers."]
+    return "\n".join(lines)
+
+
+def measurement_rows(result: dict) -> list[list]:
+    from engine.measurements import measurement_table
+
+    return measurement_table(result)
+
+
+def saved_measurement_choices(runs_dir: Path) -> list[tuple[str, str]]:
+    from engine.measurements import list_measurements
+
+    try:
+        rows = list_measurements(Path(runs_dir))
+    except OSError:
+        return []
+    return [(f"{row['id']} ({row['state']})" + (f": {row['headline']}" if row["headline"] else ""), row["id"])
+            for row in rows]
+
+
+def show_measurement(runs_dir: Path, measurement_id: str | None):
+    """(markdown, figure, table rows) of a saved measurement."""
+    if not measurement_id:
+        return "No measurement yet: press the button above.", go.Figure(), []
+    from engine.measurements import read_measurement, resolve_measurement
+
+    try:
+        result = read_measurement(resolve_measurement(Path(runs_dir), measurement_id))
+    except LoraLabError as exc:
+        return f"**Cannot show it:** {exc}", go.Figure(), []
+    return measurement_markdown(result), measurement_figure(result), measurement_rows(result)
+
+
+def load_saved_measurements(runs_dir: Path):
+    """On page load: the saved measurements, the newest shown (a restarted dashboard shows it again)."""
+    choices = saved_measurement_choices(runs_dir)
+    latest = choices[0][1] if choices else None
+    text, figure, rows = show_measurement(runs_dir, latest)
+    return (_update(choices=choices, value=latest), text, figure, rows, _timer_update(active=False))
+
+
+def _timer_update(**kwargs):
+    import gradio as gr
+
+    return gr.Timer(**kwargs)
+
+
+def run_measure(runs_dir: Path, jobs, values: dict[str, Any]):
+    """The button: measure in a background thread, yield (status, figure, table, saved list) as it goes.
+
+    The thread owns the measurement, so a closed browser does not stop it; the result is saved
+    and listed when the page is opened again.
+    """
+    import queue
+    import threading
+
+    from engine.measurements import run_measurement
+
+    try:
+        request = measure_request_from_values(values).check()
+    except (LoraLabError, ValueError, TypeError) as exc:
+        yield f"**Cannot measure:** {exc}", _update(), _update(), _update()
+        return
+    lines: queue.Queue = queue.Queue()
+    outcome: dict[str, Any] = {}
+
+    def work():
+        try:
+            busy = (lambda: jobs.active_name()) if jobs is not None else None
+            outcome["result"] = run_measurement(request, Path(runs_dir), progress=lines.put, jobs_busy=busy)
+        except LoraLabError as exc:
+            outcome["error"] = str(exc)
+        except Exception as exc:  # noqa: BLE001 - the page says what happened instead of a traceback
+            outcome["error"] = f"The measurement failed with {type(exc).__name__}: {exc}"
+
+    thread = threading.Thread(target=work, name="memory-measure", daemon=True)
+    thread.start()
+    shown: list[str] = []
+    while thread.is_alive() or not lines.empty():
+        try:
+            shown.append(lines.get(timeout=1.0))
+        except queue.Empty:
+            continue
+        yield "Measuring…\n\n" + "\n\n".join(f"`{line}`" for line in shown[-6:]), _update(), _update(), _update()
+    thread.join()
+    if "error" in outcome:
+        yield f"**Cannot measure:** {outcome['error']}", _update(), _update(), _update()
+        return
+    result = dict(outcome["result"], state="complete")
+    yield (measurement_markdown(result), measurement_figure(result), measurement_rows(result),
+           _update(choices=saved_measurement_choices(runs_dir), value=result["id"]))
+
+
 def on_source(choice: str):
     return (_update(visible=choice == "Catalog"), _update(visible=choice == "Folder or hub id"),
             _update(visible=choice == "Custom dimensions"))
@@ -358,3 +552,37 @@ def build(ctx) -> None:
         comparison = gr.Markdown("Pick a run to compare its measured peak with the prediction.")
         refresh.click(partial(run_names_update, ctx.runs_dir), None, [run_pick])
         run_pick.change(partial(run_comparison_markdown, ctx.runs_dir), [run_pick], [comparison])
+
+    from engine.measurements import DEFAULT_MODEL
+    from engine.measurements.measure import TABLE_HEADERS
+
+    with gr.Accordion("Measured here: full vs LoRA vs QLoRA", open=True, elem_id="loralab-measured"):
+        gr.Markdown(MEASURE_INTRO)
+        with gr.Row():
+            measure_model = gr.Dropdown([DEFAULT_MODEL, *[c for c in catalog_ids() if c != DEFAULT_MODEL], "demo"],
+                                        value=DEFAULT_MODEL, allow_custom_value=True,
+                                        label="Model (catalog architecture, folder, 'demo' or hub id)")
+            measure_batch = gr.Number(1, label="batch size", precision=0, minimum=1)
+            measure_seq_len = gr.Number(48, label="sequence length", precision=0, minimum=8)
+            measure_steps = gr.Number(2, label="steps per method", precision=0, minimum=1, maximum=50)
+        measure_button = gr.Button("Measure full, LoRA and QLoRA here", variant="primary", elem_id="loralab-measure")
+        measure_status = gr.Markdown(elem_id="loralab-measure-status")
+        measured_plot = gr.Plot(label="Measured beside predicted", elem_id="loralab-measured-plot")
+        measured_table = gr.Dataframe(headers=TABLE_HEADERS, interactive=False, wrap=True,
+                                      label="Per method, group by group", elem_id="loralab-measured-table")
+        with gr.Row():
+            saved = gr.Dropdown([], label="Saved measurements", allow_custom_value=False,
+                                elem_id="loralab-saved-measurements")
+            saved_refresh = gr.Button("Refresh", size="sm")
+        loader = gr.Timer(0.2, active=True)  # once per page load: list the saved measurements, show the newest
+
+    measure_components = {**components, "measure_model": measure_model, "measure_batch": measure_batch,
+                          "measure_seq_len": measure_seq_len, "measure_steps": measure_steps}
+    measure_button.click(
+        partial(measure_from_components, ctx.runs_dir, ctx.jobs, measure_components), set(measure_components.values()),
+        [measure_status, measured_plot, measured_table, saved], api_name="measure_memory")
+    saved.change(partial(show_measurement, ctx.runs_dir), [saved], [measure_status, measured_plot, measured_table],
+                 api_name="show_measurement")
+    saved_refresh.click(lambda: _update(choices=saved_measurement_choices(ctx.runs_dir)), None, [saved])
+    loader.tick(partial(load_saved_measurements, ctx.runs_dir), None,
+                [saved, measure_status, measured_plot, measured_table, loader])

@@ -242,7 +242,7 @@ def on_upload(ctx: AppContext, path: str | None):
     source = Path(path)
     if source.stat().st_size > ctx.max_upload_mb * 2**20:
         return gr.update()
-    uploads = ctx.uploads_dir or (ctx.runs_dir / ".uploads")
+    uploads = ctx.runs_dir / ".uploads"
     uploads.mkdir(parents=True, exist_ok=True)
     target = uploads / f"{time.strftime('%Y%m%d-%H%M%S')}-{source.name}"
     shutil.copyfile(source, target)

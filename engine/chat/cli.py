@@ -15,7 +15,7 @@ from pathlib import Path
 
 from engine.chat.models import ChatModels, Comparison, Sampling
 from engine.chat.prompts import held_out_prompts, prompts_from_file
-from engine.chat.ratings import describe_win_rate, win_rate
+from engine.chat.ratings import describe_win_rate, win_rate, win_rate_record
 from engine.chat.sources import LATEST, AdapterSource, resolve_adapter
 from engine.errors import LoraLabError, RunError
 
@@ -92,8 +92,7 @@ def main(argv: list[str] | None = None) -> int:
                     "label": source.label, "base_model": source.base_model, "sampling": sampling.as_dict(),
                     "system_prompt": args.system, "results": [r.as_dict() for r in rows]}
         if source.run_dir is not None:
-            rate, wins, count = win_rate(source.run_dir)
-            document["blind_ratings"] = {"win_rate": rate, "wins": wins, "count": count}
+            document["blind_ratings"] = win_rate_record(source.run_dir)
         json.dump(document, sys.stdout, indent=2, ensure_ascii=False)
         print()
     else:

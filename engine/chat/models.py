@@ -26,17 +26,20 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines
-from engine.chat.ratings import BASE, FINETUNED, win_rate
+from engine.chat.prompts import PromptItem
+from engine.chat.ratings import BASE, FINETUNED
 from engine.chat.sources import (
-    LATEST, AdapterSource, adapter_weights_time, adapter_options, resolve_adapter, source_for_folder, source_for_run,
+    AdapterSource,
+    adapter_weights_time,
 )
 from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
 from engine.evals.metrics import token_f1
-
+from engine.hub import resolve_model
 
 MAX_ADAPTERS = 8  # adapters are small, but a dashboard left open for days should not grow without bound
 SIDES = (BASE, FINETUNED)
+# Our sentence for each field transformers' GenerationConfig.validate checks (see Sampling.validated).
+SAMPLING_RANGES = {"max_new_tokens": "must be a positive integer"}
 
 
 # ----------------------------------------------------------------------------- sampling settings
@@ -59,13 +62,20 @@ class Sampling:
     greedy: bool = False
     min_new_tokens: int = 0  # benchmarks force a fixed length; the UI leaves it at 0
 
-    def validated(self) -> "Sampling":
+    def validated(self) -> Sampling:
+        """Self, or a ``ConfigError`` naming the field and its allowed range.
+
+        ``GenerationConfig.validate(strict=True)`` checks what transformers checks on its own
+        (max_new_tokens > 0, flags that contradict greedy decoding). The ranges checked first are
+        ones it leaves to the logits processors, which would refuse them only inside ``generate()``,
+        mid-stream.
+        """
         checks = [
             (isinstance(self.temperature, (int, float)) and 0 <= self.temperature <= 5, "temperature",
              f"must be from 0 to 5, got {self.temperature!r}."),
             (isinstance(self.top_p, (int, float)) and 0 < self.top_p <= 1, "top_p",
              f"must satisfy 0 < top_p <= 1, got {self.top_p!r}."),
-            (isinstance(self.max_new_tokens, int) and self.max_new_tokens >= 1, "max_new_tokens",
+            (isinstance(self.max_new_tokens, int), "max_new_tokens",
              f"must be a positive integer, got {self.max_new_tokens!r}."),
             (isinstance(self.repetition_penalty, (int, float)) and 0 < self.repetition_penalty <= 10,
              "repetition_penalty", f"must be above 0 and at most 10 (1 means none), got {self.repetition_penalty!r}."),
@@ -76,6 +86,16 @@ class Sampling:
         for ok, name, message in checks:
             if not ok:
                 raise ConfigError(name, message)
+        from transformers import GenerationConfig
+
+        try:
+            GenerationConfig(**self.generate_kwargs()).validate(strict=True)
+        except ValueError as error:
+            detail = " ".join(str(error).split())
+            name = next((f for f in self.__dataclass_fields__ if f"`{f}`" in detail), None)
+            if name in SAMPLING_RANGES:
+                raise ConfigError(name, f"{SAMPLING_RANGES[name]}, got {getattr(self, name)!r}.") from None
+            raise ConfigError(name or "sampling", f"transformers refuses these settings: {detail}") from None
         return self
 
     @property
@@ -123,15 +143,6 @@ def clean_messages(messages) -> list[dict]:
             for m in messages or [] if m.get("role") in ("system", "user", "assistant")]
 
 
-def _resolve_base_path(name: str) -> str:
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
-    from engine.hub import resolve_source
-
-    if name == DEMO_MODEL_NAME:
-        return str(ensure_demo_model(log=lambda *_: None))
-    return resolve_source(name, what="base model")
-
-
 def _stop_criteria(events):
     """A StoppingCriteria that ends generation at the next token once any event is set."""
     import torch
@@ -143,6 +154,35 @@ def _stop_criteria(events):
             return torch.full((input_ids.shape[0],), stop, dtype=torch.bool, device=input_ids.device)
 
     return StoppingCriteriaList([EventStop()])
+
+
+class StopSignals:
+    """One stop event per caller (a browser session), so Stop in one tab never ends another's answer.
+
+    ``fresh`` hands out a new event when generation starts; ``stop`` sets the caller's latest
+    one. Bounded: sessions abandoned without a Stop cannot pile up in a dashboard left open.
+    """
+
+    def __init__(self, keep: int = 256):
+        self.keep = keep
+        self._events: OrderedDict[str, threading.Event] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def fresh(self, key: str) -> threading.Event:
+        with self._lock:
+            event = self._events[key] = threading.Event()
+            self._events.move_to_end(key)
+            while len(self._events) > self.keep:
+                self._events.popitem(last=False)
+            return event
+
+    def stop(self, key: str) -> bool:
+        """Set ``key``'s event; False when it never started anything (or was dropped as the oldest)."""
+        with self._lock:
+            event = self._events.get(key)
+        if event is not None:
+            event.set()
+        return event is not None
 
 
 @dataclass
@@ -247,7 +287,7 @@ class ChatModels:
     def load(self, source: AdapterSource) -> str:
         """Make ``source`` the active adapter, loading its base only if it is not the one in memory."""
         with self._lock:
-            base_path = _resolve_base_path(source.base_model)
+            base_path = resolve_model(source.base_model)
             plan = self._plan(source)
             key = (os.path.realpath(base_path) if os.path.exists(base_path) else base_path, source.revision,
                    source.quant, plan["device"])
@@ -449,13 +489,13 @@ class ChatModels:
 
         def work():
             with self._lock:
-                for position, side in enumerate(SIDES):
+                for side in SIDES:
                     if stop.is_set() or abandoned.is_set() or errors:
                         streamers[side].end()
                         continue
                     try:
                         self._generate(side, prompts[side], sampling, [stop, abandoned], streamers[side])
-                    except BaseException as error:  # re-raised in the caller's thread below
+                    except BaseException as error:  # noqa: BLE001 - re-raised in the caller's thread below
                         errors.append(error)
                         streamers[side].end()
 
@@ -487,7 +527,7 @@ class ChatModels:
                 answers = {side: self.answer(messages, side, sampling, stop) for side in SIDES}
             except LoraLabError:
                 raise
-            except Exception as error:
+            except Exception as error:  # noqa: BLE001 - explained as a sentence (out of memory, template, ...)
                 raise _explain_generation_error(error) from None
             if stop.is_set():
                 return  # a half-finished pair would be an unfair comparison

@@ -124,5 +124,6 @@ def held_out_prompts(run_dir: str | Path) -> list[PromptItem]:
                         "data.eval_fraction is 0); give a prompts file or typed prompts instead.")
     items = prompts_from_rows(rows)
     if not items:
-        raise DataError(f"The held-out rows of run '{Path(run_dir).name}' are plain text: there is no prompt to answer.")
+        raise DataError(f"The held-out rows of run '{Path(run_dir).name}' are plain text: there is no prompt "
+                        "to answer.")
     return items

@@ -5,13 +5,17 @@ appended to the run's ``ratings.jsonl`` together with everything needed to audit
 (prompt, both answers, which side was which, sampling settings, adapter, time).
 The win rate is the share of ratings in which the fine-tuned answer was preferred; ties
 and "both bad" count as ratings that were not wins.
+
+``BlindSession`` is the rating state machine the Chat tab drives (next unrated item, rate,
+what the panel shows); ``blind`` is the one place answers become A and B, ``winner_of`` the
+one place a choice is unblinded.
 """
 
 from __future__ import annotations
 
 import random
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from engine.errors import RunError
@@ -37,17 +41,25 @@ class BlindItem:
         return BASE if self.a_side == FINETUNED else FINETUNED
 
 
+def blind(row, a_side: str) -> BlindItem:
+    """The one place answers become A and B: ``row`` has ``prompt``, ``base``, ``finetuned`` (and ``reference``)."""
+    if a_side not in (BASE, FINETUNED):
+        raise RunError(f"'{a_side}' is not a side; it is '{BASE}' or '{FINETUNED}'.")
+    get = row.get if isinstance(row, dict) else lambda key, row=row: getattr(row, key, None)
+    a, b = (get("finetuned"), get("base")) if a_side == FINETUNED else (get("base"), get("finetuned"))
+    return BlindItem(prompt=get("prompt"), answer_a=a or "", answer_b=b or "", a_side=a_side,
+                     reference=get("reference"))
+
+
+def coin_flip(rng: random.Random | None = None) -> str:
+    """Which side shows as A; ``SystemRandom`` by default so a person cannot learn the order from a seed."""
+    return FINETUNED if (rng or random.SystemRandom()).random() < 0.5 else BASE
+
+
 def make_blind_items(rows, rng: random.Random | None = None) -> list[BlindItem]:
     """``rows`` have ``prompt``, ``base``, ``finetuned`` (and ``reference``); each gets a coin flip."""
     rng = rng or random.SystemRandom()
-    items = []
-    for row in rows:
-        get = row.get if isinstance(row, dict) else lambda key, row=row: getattr(row, key, None)
-        tuned_first = rng.random() < 0.5
-        a, b = (get("finetuned"), get("base")) if tuned_first else (get("base"), get("finetuned"))
-        items.append(BlindItem(prompt=get("prompt"), answer_a=a or "", answer_b=b or "",
-                               a_side=FINETUNED if tuned_first else BASE, reference=get("reference")))
-    return items
+    return [blind(row, coin_flip(rng)) for row in rows]
 
 
 def normalise_choice(choice: str) -> str:
@@ -93,7 +105,7 @@ def ratings_file(run_dir: str | Path) -> Path:
 
 def read_ratings(run_dir: str | Path) -> list[dict]:
     records, _ = read_jsonl(ratings_file(run_dir))
-    return [r for r in records if r.get("winner") in (BASE, FINETUNED, "tie", "both_bad")]
+    return [r for r in records if isinstance(r, dict) and r.get("winner") in (BASE, FINETUNED, "tie", "both_bad")]
 
 
 def win_rate(run_dir: str | Path) -> tuple[float | None, int, int]:
@@ -101,6 +113,12 @@ def win_rate(run_dir: str | Path) -> tuple[float | None, int, int]:
     ratings = read_ratings(run_dir)
     wins = sum(1 for r in ratings if r["winner"] == FINETUNED)
     return (wins / len(ratings) if ratings else None), wins, len(ratings)
+
+
+def win_rate_record(run_dir: str | Path) -> dict:
+    """The win rate as stored in an export's lineage and printed by ``compare --json``."""
+    rate, wins, count = win_rate(run_dir)
+    return {"win_rate": rate, "wins": wins, "count": count}
 
 
 def describe_win_rate(rate: float | None, wins: int, count: int) -> str:
@@ -116,5 +134,74 @@ def format_win_rate_cell(run_dir: str | Path) -> str:
     return "" if rate is None else f"{rate:.0%} ({wins}/{count})"
 
 
-def item_as_dict(item: BlindItem) -> dict:
-    return asdict(item)
+
+# ----------------------------------------------------------------------------- a batch being rated
+@dataclass
+class RatingView:
+    """What the rating panel shows: the next item to rate (None when there is none) and the tally."""
+
+    visible: bool
+    item: BlindItem | None
+    position: int  # 1-based place of ``item`` in the batch; 0 without an item
+    total: int
+    rated: int
+    all_rated: bool
+    win_rate: str  # describe_win_rate of everything recorded for this adapter so far
+
+
+@dataclass
+class BlindSession:
+    """A batch comparison being rated blind, one prompt at a time, in the order it was answered.
+
+    Each answered row keeps its hidden side (``a_side``) from the moment it is added, so the
+    table, the rating panel and the recorded rating always show the same A and B. The
+    session lives in the browser session's state; ratings go to the adapter's run folder.
+    """
+
+    ratings_dir: str  # the run folder (or adapter folder) whose ratings.jsonl records the choices
+    adapter: str
+    base_model: str | None
+    label: str
+    sampling: dict
+    rows: list[dict] = field(default_factory=list)  # Comparison.as_dict() plus "a_side"
+    rated: list[bool] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, source, sampling: dict) -> BlindSession:
+        """An empty session for answers of ``source`` (an ``engine.chat.sources.AdapterSource``)."""
+        return cls(ratings_dir=str(source.ratings_dir), adapter=str(source.path), base_model=source.base_model,
+                   label=source.label, sampling=dict(sampling))
+
+    def add(self, row: dict, rng: random.Random | None = None) -> dict:
+        """Append an answered row with a fresh coin flip for its order; returns the stored row."""
+        record = dict(row, a_side=coin_flip(rng))
+        self.rows.append(record)
+        self.rated.append(False)
+        return record
+
+    def item(self, index: int) -> BlindItem:
+        return blind(self.rows[index], self.rows[index]["a_side"])
+
+    def next_unrated(self) -> int | None:
+        return next((i for i, rated in enumerate(self.rated) if not rated), None)
+
+    def rate(self, choice: str, now: float | None = None) -> dict | None:
+        """Record ``choice`` for the next unrated row; None (nothing recorded) once every row is rated."""
+        choice = normalise_choice(choice)  # a bad choice is refused before anything moves on
+        index = self.next_unrated()
+        if index is None:
+            return None
+        record = record_rating(ratings_file(self.ratings_dir), self.item(index), choice, sampling=self.sampling,
+                               adapter=self.adapter, base_model=self.base_model, now=now)
+        self.rated[index] = True
+        return record
+
+    def view(self, blind_mode: bool = True) -> RatingView:
+        """The panel: hidden outside blind mode and before any row exists; the next unrated row otherwise."""
+        rate_text = describe_win_rate(*win_rate(self.ratings_dir))
+        index = self.next_unrated() if blind_mode else None
+        common = dict(total=len(self.rows), rated=sum(self.rated), win_rate=rate_text)
+        if index is None:
+            done = blind_mode and bool(self.rows)
+            return RatingView(visible=done, item=None, position=0, all_rated=done, **common)
+        return RatingView(visible=True, item=self.item(index), position=index + 1, all_rated=False, **common)

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import ModelNotFoundError, RunError
-from engine.training.rundir import TERMINAL_STATES, RunPaths, load_config, read_status, resolve_run
+from engine.training.rundir import (
+    ADAPTER_WEIGHTS, RunPaths, checkpoints, has_adapter, latest_adapter, load_config, read_run_status, resolve_run,
+)
 
 LATEST = "latest"
 
@@ -42,44 +44,22 @@ class AdapterSource:
         return dict(self.quant)
 
 
-def _has_adapter(folder: Path) -> bool:
-    return (folder / "adapter_config.json").is_file()
-
-
 def adapter_weights_time(folder: Path) -> float:
-    files = [folder / "adapter_model.safetensors", folder / "adapter_model.bin", folder / "adapter_config.json"]
+    files = [folder / name for name in (*ADAPTER_WEIGHTS, "adapter_config.json")]
     return max((f.stat().st_mtime for f in files if f.exists()), default=0.0)
-
-
-def _checkpoints(run_dir: Path) -> list[Path]:
-    folder = RunPaths(run_dir).checkpoints
-    found = [p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit() and _has_adapter(p)]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
 
 
 def adapter_options(run_dir: str | Path) -> list[tuple[str, str]]:
     """(label, value) pairs for a picker: the latest adapter first, then each checkpoint."""
     run_dir = Path(run_dir)
     options = []
-    adapter = RunPaths(run_dir).adapter
-    if _has_adapter(adapter) or _checkpoints(run_dir):
+    adapter, saved = RunPaths(run_dir).adapter, checkpoints(run_dir, adapters_only=True)
+    if has_adapter(adapter) or saved:
         options.append(("latest adapter", LATEST))
-    if _has_adapter(adapter):
+    if has_adapter(adapter):
         options.append(("adapter/ (saved at the end or on stop)", "adapter"))
-    options += [(p.name, p.name) for p in reversed(_checkpoints(run_dir))]
+    options += [(p.name, p.name) for p in reversed(saved)]
     return options
-
-
-def _latest_adapter_folder(run_dir: Path) -> Path | None:
-    """adapter/ once the run has ended (it is the final save); while it runs, the newest checkpoint.
-
-    Decided by state and step, not file times: copying a run folder resets those.
-    """
-    adapter, checkpoints = RunPaths(run_dir).adapter, _checkpoints(run_dir)
-    ended = read_status(run_dir).get("state") in TERMINAL_STATES
-    if _has_adapter(adapter) and (ended or not checkpoints):
-        return adapter
-    return checkpoints[-1] if checkpoints else None
 
 
 def source_for_run(run_dir: str | Path, which: str = LATEST) -> AdapterSource:
@@ -88,9 +68,9 @@ def source_for_run(run_dir: str | Path, which: str = LATEST) -> AdapterSource:
     config = load_config(run_dir)
     which = (which or LATEST).strip()
     if which == LATEST:
-        folder = _latest_adapter_folder(run_dir)
+        folder = latest_adapter(run_dir)
         if folder is None:
-            state = read_status(run_dir).get("state", "unknown")
+            state = read_run_status(run_dir).state
             raise RunError(
                 f"Run '{run_dir.name}' ({state}) has no adapter yet: it saves checkpoints/checkpoint-N every "
                 f"{config.train.save_steps} steps and adapter/ when it ends or is stopped. Try again after step "
@@ -98,7 +78,7 @@ def source_for_run(run_dir: str | Path, which: str = LATEST) -> AdapterSource:
     else:
         name = f"checkpoint-{which}" if which.isdigit() else which
         folder = RunPaths(run_dir).adapter if name == "adapter" else RunPaths(run_dir).checkpoints / name
-        if not _has_adapter(folder):
+        if not has_adapter(folder):
             available = ", ".join(value for _, value in adapter_options(run_dir)) or "none yet"
             raise RunError(f"Run '{run_dir.name}' has no adapter at {folder.relative_to(run_dir)} "
                            f"(available: {available}).")
@@ -115,7 +95,7 @@ def source_for_run(run_dir: str | Path, which: str = LATEST) -> AdapterSource:
 def source_for_folder(folder: str | Path, base_model: str | None = None) -> AdapterSource:
     """Any PEFT adapter folder; the base comes from its adapter_config.json unless given."""
     folder = Path(folder).expanduser()
-    if not _has_adapter(folder):
+    if not has_adapter(folder):
         raise ModelNotFoundError(f"{folder} is not a PEFT adapter folder (it has no adapter_config.json).")
     try:
         adapter_config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
@@ -127,7 +107,9 @@ def source_for_folder(folder: str | Path, base_model: str | None = None) -> Adap
                                  "(base_model_name_or_path); give the base model explicitly.")
     # A checkpoint folder inside a run is chatted as that run's adapter, so ratings land in the run.
     for parent in (folder.parent, folder.parent.parent):
-        if (parent / "config.yaml").is_file() and folder in [RunPaths(parent).adapter, *_checkpoints(parent)]:
+        if not (parent / "config.yaml").is_file():
+            continue
+        if folder in [RunPaths(parent).adapter, *checkpoints(parent, adapters_only=True)]:
             return source_for_run(parent, "adapter" if folder.name == "adapter" else folder.name)
     return AdapterSource(path=folder, label=folder.name, base_model=base,
                          revision=adapter_config.get("revision"))

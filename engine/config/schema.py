@@ -27,15 +27,14 @@ from typing import Any, Callable
 import yaml
 
 from engine.config.choices import optimizer_names, scheduler_names
-from engine.data.formats import FORMATS
+from engine.data.formats import FORMAT_CHOICES
 from engine.errors import ConfigError
 from engine.evals.metrics import METRICS, metric_choices, option_problems
-from engine.names import valid_name
+from engine.names import name_problem
 
 METHODS = ("lora", "qlora", "lora8bit", "dora", "rslora", "full")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
-DATA_FORMATS = ("auto", *FORMATS)
 ALL_LINEAR = "all-linear"
 
 
@@ -161,7 +160,7 @@ class ModelSection:
 class DataSection:
     path: str = spec("demo", "Training data: 'demo', a JSONL/JSON/CSV/Parquet file, or a hub dataset id.", "Dataset",
                      rule="must name a dataset ('demo', a file or a hub id)")
-    format: str = spec("auto", f"{', '.join(DATA_FORMATS)}.", "Dataset format", choices_from=DATA_FORMATS)
+    format: str = spec("auto", f"{', '.join(FORMAT_CHOICES)}.", "Dataset format", choices_from=FORMAT_CHOICES)
     eval_path: str | None = spec(None, "A separate held-out file; when empty, eval_fraction of the data is held out.",
                                  "Eval file (optional)", kind="str", optional=True)
     eval_fraction: float = spec(0.1, "Share of rows held out for evaluation when eval_path is empty (0 disables eval).",
@@ -243,6 +242,9 @@ class TrainSection:
                                  rule="must be a positive integer", ge=1, le=10_000)
     seed: int = spec(42, "Random seed for data order, LoRA init and dropout.", "Seed",
                      rule="must be an integer >= 0", ge=0, le=2**32 - 1)
+    memory_probe: bool = spec(False, "Measurement run: record the memory of every training phase (weights loaded, "
+                              "forward, backward, optimizer step) in memory_probe.json and skip the final checkpoint. "
+                              "The Memory tab's measured comparison sets it.", "Memory probe")
 
 
 @dataclass
@@ -439,8 +441,8 @@ class RunConfig:
                   "above 0, or set eval.metric to none.")
             found += option_problems(self.eval.metric, self.eval.schema_path, self.eval.pattern)
         if self.name is not None:
-            check(isinstance(self.name, str) and valid_name(self.name), "name",
-                  f"may contain letters, digits, '-', '_' and '.', not start with '.', got {self.name!r}.")
+            problem = name_problem(self.name)
+            check(problem is None, "name", f"{problem}, got {self.name!r}.")
         return found
 
     def validate(self) -> RunConfig:

@@ -2,12 +2,18 @@
 previewing the loss mask as TRL computes it, and token statistics.
 """
 
-from engine.data.formats import FORMATS
+from engine.data.formats import FORMAT_CHOICES, FORMATS
 from engine.data.load import (
-    DEMO_SOURCE, DatasetStream, LoadedDataset, load_dataset_rows, open_dataset, parse_column_map, split_rows,
+    DEMO_SOURCE,
+    DatasetStream,
+    LoadedDataset,
+    load_dataset_rows,
+    open_dataset,
+    parse_column_map,
+    split_rows,
 )
 
 __all__ = [
-    "DEMO_SOURCE", "FORMATS", "DatasetStream", "LoadedDataset", "load_dataset_rows", "open_dataset",
+    "DEMO_SOURCE", "FORMAT_CHOICES", "FORMATS", "DatasetStream", "LoadedDataset", "load_dataset_rows", "open_dataset",
     "parse_column_map", "split_rows",
 ]

@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 
-from engine.data.formats import FORMATS
+from engine.data.formats import FORMAT_CHOICES
 from engine.data.report import DEFAULT_MAX_LENGTH
 from engine.errors import LoraLabError
 
@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Print what the Dataset tab shows: detected format, counts, token statistics and warnings.",
     )
     inspect.add_argument("source", metavar="PATH_OR_ID", help="a file (.jsonl .json .csv .parquet), a hub id, or demo")
-    inspect.add_argument("--format", default="auto", choices=("auto", *FORMATS), help="override format detection")
+    inspect.add_argument("--format", default="auto", choices=FORMAT_CHOICES, help="override format detection")
     inspect.add_argument(
         "--model", default="demo", help="model name or folder whose tokenizer and chat template count tokens"
     )

@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 FORMATS = ("messages", "sharegpt", "alpaca", "prompt_completion", "text")
+FORMAT_CHOICES = ("auto", *FORMATS)  # what a person may choose: detection, or one format
 
 # The fields each format reads: (required, optional). Also the keys a column map may rename.
 FORMAT_FIELDS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
@@ -238,7 +239,7 @@ def normalise_record(
     ``notes`` collects remarks worth one warning for the whole dataset (not an error).
     """
     if fmt not in FORMATS:
-        raise RowError(f"Unknown format '{fmt}'; choose one of auto, {', '.join(FORMATS)}.")
+        raise RowError(f"Unknown format '{fmt}'; choose one of {', '.join(FORMAT_CHOICES)}.")
     if not isinstance(record, dict):
         raise RowError(f"Each row must be a JSON object with named fields, but this one is {_found(record)}.")
     record = apply_column_map(record, column_map)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.data.formats import FORMATS, RowError, WEIGHT_NOTE, detect_format, normalise_record
+from engine.data.formats import FORMAT_CHOICES, WEIGHT_NOTE, RowError, detect_format, normalise_record
 from engine.data.read import RecordReader, file_sha256, hub_revision, open_file_records
 from engine.errors import ConfigError, DataError, LoraLabError
 
@@ -66,8 +66,8 @@ class DatasetStream:
         skip_bad: bool = False,
         split: str = "train",
     ):
-        if fmt not in ("auto", *FORMATS):
-            raise ConfigError("format", f"'{fmt}' is not a dataset format; choose auto, {', '.join(FORMATS)}.")
+        if fmt not in FORMAT_CHOICES:
+            raise ConfigError("format", f"'{fmt}' is not a dataset format; choose {', '.join(FORMAT_CHOICES)}.")
         self.source = str(source).strip() if source else ""
         self.requested_format = fmt
         self.format: str | None = None if fmt == "auto" else fmt

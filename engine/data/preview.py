@@ -76,7 +76,10 @@ class EncodedRow:
         return [t if m else IGNORE_INDEX for t, m in zip(self.input_ids[: self.kept], self.trained[: self.kept])]
 
 
-_tokenizer_lock = threading.Lock()
+# A cached tokenizer (``load_tokenizer(fresh=False)``) is shared by every caller, and a fast
+# tokenizer must not encode from two threads at once: hold this while using one. Previews
+# encode a handful of rows, so taking turns is cheap; long passes load a fresh one instead.
+SHARED_TOKENIZER_USE = threading.Lock()
 
 
 def load_tokenizer(model: str = "demo", fresh: bool = False):
@@ -86,16 +89,9 @@ def load_tokenizer(model: str = "demo", fresh: bool = False):
     a private instance: a fast tokenizer must not be used from two threads at once (its
     Rust state is borrowed mutably), so a background pass gets its own.
     """
-    model = (model or "").strip() or "demo"
-    if model == "demo":
-        from engine.demo import ensure_demo_model
+    from engine.hub import resolve_model
 
-        with _tokenizer_lock:  # the first call may build the demo model; do it once
-            path = str(ensure_demo_model(log=lambda *_: None))
-    else:
-        from engine.hub import resolve_source
-
-        path = resolve_source(model, what="model", repo_type="model")
+    path = resolve_model((model or "").strip() or "demo", what="model")
     if fresh:
         return _read_tokenizer(path)
     stamp = Path(path).stat().st_mtime if Path(path).exists() else 0.0
@@ -114,7 +110,7 @@ def _read_tokenizer(path: str):
         return AutoTokenizer.from_pretrained(path)
     except LoraLabError:
         raise
-    except Exception as exc:  # transformers raises OSError/ValueError/... for a folder without a tokenizer
+    except Exception as exc:  # noqa: BLE001 - transformers raises OSError/ValueError/... for a folder without one
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise ModelNotFoundError(f"No tokenizer could be loaded from '{path}': {first_line}") from None
 
@@ -152,7 +148,7 @@ def training_template(tokenizer) -> TemplateInfo:
             )
     try:
         stop_trained = is_chat_template_stop_token_trained(tokenizer, chat_template=info.chat_template)
-    except Exception:  # an odd template may fail this probe; the mask itself is still what counts
+    except Exception:  # noqa: BLE001 - an odd template may fail this probe; the mask itself is what counts
         stop_trained = True
     if not stop_trained:
         info.warnings.append(
@@ -182,7 +178,7 @@ def encode_row(tokenizer, row: dict, template: TemplateInfo, max_length: int | N
             chat_template=template.chat_template,
             tools=None,
         )
-    except Exception as exc:  # jinja raises TemplateError for e.g. "roles must alternate"
+    except Exception as exc:  # noqa: BLE001 - jinja raises TemplateError for e.g. "roles must alternate"
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise DataError(f"The chat template cannot render this row: {first_line}") from None
     ids = list(output["input_ids"])

@@ -325,7 +325,7 @@ class HubDatasetReader(RecordReader):
 
         try:
             dataset = datasets.load_dataset(self.path, split=self.split, streaming=self.streaming)
-        except Exception as exc:  # datasets raises many types; all mean "cannot load this"
+        except Exception as exc:  # noqa: BLE001 - datasets raises many types; all mean "cannot load this"
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise DataError(
                 f"The dataset could not be loaded with split '{self.split}': {first_line}", self.path
@@ -391,7 +391,7 @@ def hub_revision(repo_id: str) -> str:
             sha = HfApi().dataset_info(repo_id, timeout=10).sha
             if sha:
                 return sha
-        except Exception:  # a revision is lineage detail; loading already succeeded or will say why
+        except Exception:  # noqa: BLE001 - a revision is lineage detail; loading succeeded or will say why
             pass
     from huggingface_hub import constants
 

@@ -1,13 +1,16 @@
 """One inspection of a dataset: the figures the Dataset tab and the command line both show.
 
 ``inspect_dataset`` streams the whole source once (and the eval file, if any), so it
-works on files larger than memory; ``StatsJob`` runs it in a thread for the dashboard.
+works on files larger than memory; ``StatsJob`` runs it in a thread for the dashboard, and
+``StatsJobs`` keeps the dashboard's passes (bounded) so the UI holds only an id.
 """
 
 from __future__ import annotations
 
 import threading
 import time
+import uuid
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -250,7 +253,7 @@ class StatsJob:
                 self.progress = 1.0 if report.complete else self.progress
         except LoraLabError as exc:
             self.error, self.state = str(exc), "error"
-        except Exception as exc:  # a bug, but the dashboard must live: report it as a sentence
+        except Exception as exc:  # noqa: BLE001 - a bug, but the dashboard must live: report it as a sentence
             self.error, self.state = f"Statistics failed unexpectedly ({type(exc).__name__}: {exc}).", "error"
         finally:
             self.finished = time.time()
@@ -273,3 +276,42 @@ class StatsJob:
                 "partial": copy_stats(self.partial) if self.partial is not None and self.report is None else None,
                 "elapsed": (self.finished or time.time()) - (self.started or time.time()),
             }
+
+
+class StatsJobs:
+    """The dashboard's statistics passes by id: start, look up, cancel.
+
+    Each browser session keeps only the id of its pass. At most ``keep`` passes are kept;
+    starting one more cancels and forgets the oldest, so tabs abandoned mid-pass cannot pile
+    up threads or figures in a dashboard left open for days.
+    """
+
+    def __init__(self, keep: int = 8):
+        self.keep = keep
+        self._jobs: OrderedDict[str, StatsJob] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def start(self, **kwargs) -> str:
+        """Start ``inspect_dataset(**kwargs)`` in a thread; returns the id to poll it by."""
+        job, job_id = StatsJob(**kwargs), uuid.uuid4().hex
+        with self._lock:
+            self._jobs[job_id] = job
+            while len(self._jobs) > self.keep:
+                self._jobs.popitem(last=False)[1].cancel()
+        job.start()
+        return job_id
+
+    def get(self, job_id: str | None) -> StatsJob | None:
+        with self._lock:
+            return self._jobs.get(job_id) if job_id else None
+
+    def cancel(self, job_id: str | None) -> bool:
+        """Ask the pass to stop after its current row; False if there is no such pass (any more)."""
+        job = self.get(job_id)
+        if job is not None:
+            job.cancel()
+        return job is not None
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)

@@ -3,11 +3,20 @@ before it is kept, with a model card and lineage.
 """
 
 from engine.export.exporter import (
-    DTYPES, KINDS, ExportError, ExportResult, exportable_runs, export_run, list_exports, safe_export_dir, zip_export,
+    DTYPES,
+    KINDS,
+    ExportError,
+    ExportResult,
+    export_run,
+    exportable_runs,
+    list_exports,
+    safe_export_dir,
+    zip_export,
 )
+from engine.export.lock import ExportBusyError, export_lock
 from engine.export.verify import VerificationError, verify_export
 
 __all__ = [
-    "DTYPES", "KINDS", "ExportError", "ExportResult", "VerificationError", "export_run", "exportable_runs",
-    "list_exports", "safe_export_dir", "verify_export", "zip_export",
+    "DTYPES", "KINDS", "ExportBusyError", "ExportError", "ExportResult", "VerificationError", "export_lock",
+    "export_run", "exportable_runs", "list_exports", "safe_export_dir", "verify_export", "zip_export",
 ]

@@ -10,6 +10,7 @@ from engine.errors import LoraLabError
 from engine.export.exporter import DTYPES, export_run, zip_export
 from engine.training import rundir
 
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m engine export",
                                      description="Export a run's adapter package or merged model, verified, with a "

@@ -8,34 +8,33 @@ from the stored dtype; an export that does not is deleted and the error says by 
 
 Work happens in a hidden staging folder inside the exports directory and is renamed
 into place only after verification, so a half-written or failed export is never seen
-under its name. Export names are confined to the exports directory.
+under its name. Export names are confined to the exports directory. One export runs at a
+time per exports directory, across processes (``engine.export.lock``).
 
 ``python -m engine export RUN [--merged] [--dtype bf16] ...`` is ``engine.export.cli``.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import os
-import re
 import shutil
-import sys
 import time
 import uuid
 import zipfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
+from engine.chat.ratings import win_rate_record
+from engine.errors import RunError
+from engine.export.lock import export_lock
+from engine.names import check_name
 from engine.training import rundir
-from engine.errors import LoraLabError, RunError
 
 KINDS = ("adapter", "merged")
 DTYPES = {"bf16": "bfloat16", "fp16": "float16"}
 DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
-NAME_PATTERN = re.compile(r"^[A-Za-z0-9_-][A-Za-z0-9_.-]{0,99}$")
-SIZE_PATTERN = re.compile(r"^\s*(\d+)\s*(KB|MB|GB|KiB|MiB|GiB)\s*$", re.IGNORECASE)
 SPACE_MARGIN = 1.05  # headroom on free-space checks: file system metadata, tokenizer, card
 MIN_SHARD_BYTES = 10**6
 Progress = Callable[[float, str], None]
@@ -67,22 +66,10 @@ def _no_progress(fraction: float, message: str) -> None:
 # ----------------------------------------------------------------------------- names and places
 def safe_export_dir(exports_dir: Path, name: str) -> Path:
     """The folder for export ``name``; anything that could leave ``exports_dir`` is refused."""
-    name = name if isinstance(name, str) else ""
-    reason = None
-    if not name.strip():
-        reason = "it is empty"
-    elif ".." in name:
-        reason = "it contains '..'"
-    elif "/" in name or "\\" in name or os.sep in name or (os.altsep and os.altsep in name):
-        reason = "it contains a path separator"
-    elif Path(name).is_absolute() or re.match(r"^[A-Za-z]:", name):
-        reason = "it is an absolute path"
-    elif name.lower().endswith(".zip"):
-        reason = "it ends in .zip (the download of an export is named <name>.zip)"
-    elif not NAME_PATTERN.match(name):
-        reason = "only letters, digits, '-', '_' and '.' are allowed, up to 100 characters, not starting with '.'"
-    if reason:
-        raise ExportError(f"'{name}' is not a valid export name: {reason}.")
+    name = check_name(name if isinstance(name, str) else "", "export", ExportError)
+    if name.lower().endswith(".zip"):
+        raise ExportError(f"'{name}' is not a valid export name: it ends in .zip (the download of an export is "
+                          "named <name>.zip).")
     root = Path(exports_dir).resolve()
     target = (root / name).resolve()
     if target.parent != root:  # a symlink planted in the exports folder, say
@@ -105,18 +92,24 @@ def normalise_dtype(dtype: str) -> str:
     raise ExportError(f"dtype '{dtype}' is not supported for a merged model: use bf16 or fp16.")
 
 
-def parse_shard_size(size: str) -> str:
-    """'2GB', '500 MB', '1GiB' -> a size transformers understands; bytes must be >= 1 MB."""
-    match = SIZE_PATTERN.match(str(size or ""))
-    if not match:
+def parse_shard_size(size: str) -> int:
+    """'2GB', '500 MB', '1GiB' -> bytes, by transformers' own parser, refused in words below 1 MB.
+
+    The bytes (not the text) go to ``save_pretrained``: in transformers 5 it hands a text size
+    to huggingface_hub's parser, which knows no GiB/MiB. Units are read case-insensitively, as
+    this field always has: transformers would read a lowercase 'b' as bits ('2gb' as 250 MB).
+    """
+    from transformers.utils.hub import convert_file_size_to_int
+
+    text = str(size or "").strip().upper()
+    try:
+        number = convert_file_size_to_int(text)
+    except ValueError:
         raise ExportError(f"max shard size '{size}' is not understood: write a whole number and a unit, e.g. 2GB, "
-                          "500MB or 1GiB.")
-    number, unit = int(match.group(1)), match.group(2)
-    canonical = unit[0].upper() + ("iB" if unit.lower().endswith("ib") else "B")
-    multiplier = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KiB": 2**10, "MiB": 2**20, "GiB": 2**30}[canonical]
-    if number * multiplier < MIN_SHARD_BYTES:
+                          "500MB or 1GiB.") from None
+    if number < MIN_SHARD_BYTES:
         raise ExportError(f"max shard size '{size}' is below 1MB; shards that small only make loading slower.")
-    return f"{number}{canonical}"
+    return number
 
 
 def check_free_space(folder: Path, needed_bytes: int, what: str) -> None:
@@ -131,12 +124,6 @@ def folder_size(folder: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- the run side
-def has_adapter(run_dir: Path) -> bool:
-    adapter = rundir.RunPaths(Path(run_dir)).adapter
-    return (adapter / "adapter_config.json").is_file() and any(
-        (adapter / f).is_file() for f in ("adapter_model.safetensors", "adapter_model.bin"))
-
-
 def adapter_missing_reason(run_dir: Path) -> str:
     """Why a run has nothing to export, in words a person can act on."""
     run_dir = Path(run_dir)
@@ -155,17 +142,7 @@ def adapter_missing_reason(run_dir: Path) -> str:
 
 def exportable_runs(runs_dir: Path) -> list[str]:
     """Names of runs that have an adapter, newest first (the Export tab's dropdown)."""
-    return [summary.name for summary in rundir.list_runs(runs_dir) if has_adapter(summary.path)]
-
-
-def _win_rate(run_dir: Path) -> dict:
-    """Blind-rating win rate from the Chat tab's module, when it is there."""
-    try:
-        from engine.chat.ratings import win_rate
-    except (ImportError, AttributeError):
-        return {"win_rate": None, "wins": 0, "count": 0, "available": False}
-    rate, wins, count = win_rate(run_dir)
-    return {"win_rate": rate, "wins": wins, "count": count}
+    return [summary.name for summary in rundir.list_runs(runs_dir) if summary.has_adapter]
 
 
 def resolve_base(run_dir: Path, config, lineage: dict, progress: Progress) -> tuple[str, dict, dict]:
@@ -175,22 +152,20 @@ def resolve_base(run_dir: Path, config, lineage: dict, progress: Progress) -> tu
     a different base would ship a model nobody trained, under a card that names another.
     A hub base is pinned to the commit recorded at training.
     """
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
-    from engine.hub import resolve_source
+    from engine.demo import DEMO_MODEL_NAME
+    from engine.hub import resolve_model
     from engine.lineage import folder_content_hash
 
     record = dict(lineage.get("base_model") or {"name_or_path": config.model.name_or_path})
     name = record.get("name_or_path") or config.model.name_or_path
     resolved = record.get("resolved")
     kwargs = {"trust_remote_code": config.model.trust_remote_code}
-    if name == DEMO_MODEL_NAME:
-        path = str(ensure_demo_model(log=lambda message: progress(0.02, message)))
-    elif resolved and Path(resolved).is_dir():
-        path = resolved
+    if name != DEMO_MODEL_NAME and resolved and Path(resolved).is_dir():
+        path = resolved  # the folder training loaded, checked against its hash below
     else:
-        path = resolve_source(name, what="base model")
+        path = resolve_model(name, log=lambda message: progress(0.02, message))
         revision = record.get("commit") or config.model.revision
-        if revision:
+        if revision and name != DEMO_MODEL_NAME:
             kwargs["revision"] = revision
     if Path(path).is_dir() and record.get("content_sha256"):
         progress(0.03, "Checking that the base model is the one the run was trained on (hashing its files).")
@@ -278,10 +253,11 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
     if kind not in KINDS:
         raise ExportError(f"export kind '{kind}' is not one of {', '.join(KINDS)}.")
     torch_dtype = normalise_dtype(dtype) if kind == "merged" else None
-    shard_size = parse_shard_size(max_shard_size) if kind == "merged" else None
+    shard_bytes = parse_shard_size(max_shard_size) if kind == "merged" else None
+    shard_size = str(max_shard_size).strip() if kind == "merged" else None  # as the person wrote it, for the card
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir} is not a run folder (it has no config.yaml).")
-    if not has_adapter(run_dir):
+    if not rundir.has_adapter(rundir.RunPaths(run_dir).adapter):
         raise ExportError(adapter_missing_reason(run_dir))
     state = rundir.read_status(run_dir).get("state")
     if state in rundir.ACTIVE_STATES:
@@ -296,84 +272,86 @@ def export_run(run_dir: Path, exports_dir: Path, kind: str = "adapter", dtype: s
     name = name.strip() if isinstance(name, str) and name.strip() else default_export_name(run_dir.name, kind,
                                                                                           short_dtype)
     target = safe_export_dir(exports_dir, name)
-    if target.exists() and not overwrite:
-        raise ExportError(f"An export named '{name}' already exists in {exports_dir.resolve()}; choose another "
-                          "name or allow replacing it.")
-    qlora = config.quant.load_in_4bit
-
     what = "a merged model" if kind == "merged" else "an adapter package"
-    progress(0.01, f"Preparing to export run '{run_dir.name}' as {what}.")
-    base_path, base_kwargs, base_record = resolve_base(run_dir, config, lineage, progress)
-    if kind == "merged":
-        on_disk = parameters_on_disk(base_path)
-        if on_disk:
-            check_free_space(exports_dir, on_disk * DTYPE_BYTES[torch_dtype], "the merged model")
+    # The name check and everything after it run under the lock: two exports of one name must not race.
+    with export_lock(exports_dir, f"run '{run_dir.name}' as {what}"):
+        if target.exists() and not overwrite:
+            raise ExportError(f"An export named '{name}' already exists in {exports_dir.resolve()}; choose another "
+                              "name or allow replacing it.")
+        qlora = config.quant.load_in_4bit
 
-    from transformers import AutoTokenizer
-
-    from engine.export import verify as export_verify
-
-    progress(0.08, "Loading the base model in float32 with the run's adapter (the reference).")
-    tokenizer = AutoTokenizer.from_pretrained(str(paths.adapter))
-    model = load_reference(base_path, base_kwargs, paths.adapter)
-    progress(0.25, "Running the verification prompts on the reference.")
-    reference = export_verify.reference_outputs(model, tokenizer)
-
-    staging = exports_dir / f".staging-{name}-{uuid.uuid4().hex[:8]}"
-    staging.mkdir()
-    try:
+        progress(0.01, f"Preparing to export run '{run_dir.name}' as {what}.")
+        base_path, base_kwargs, base_record = resolve_base(run_dir, config, lineage, progress)
         if kind == "merged":
-            numel = sum(p.numel() for p in model.parameters())  # LoRA weights included: a slight overestimate
-            check_free_space(exports_dir, numel * DTYPE_BYTES[torch_dtype], "the merged model")
-            progress(0.35, "Merging the adapter into the base (merge_and_unload, in float32).")
-            import torch
+            on_disk = parameters_on_disk(base_path)
+            if on_disk:
+                check_free_space(exports_dir, on_disk * DTYPE_BYTES[torch_dtype], "the merged model")
 
-            # Merging in float32 and rounding once to the target dtype is exact up to that one rounding.
-            merged = model.merge_and_unload().to(getattr(torch, torch_dtype))
-            progress(0.45, f"Saving the merged model in {torch_dtype} safetensors, shards of at most {shard_size}.")
-            # transformers 5 always writes safetensors (there is no pickle format to opt out of).
-            merged.save_pretrained(str(staging), max_shard_size=shard_size)
-            del merged
-        else:
-            progress(0.4, "Saving the adapter package (PEFT save_pretrained).")
-            adapter_config = model.peft_config["default"]
-            adapter_config.base_model_name_or_path = base_record["load_as"]
-            adapter_config.revision = base_record.get("load_revision")
-            model.save_pretrained(str(staging))
-        tokenizer.save_pretrained(str(staging))
-        del model
-        from accelerate.utils import release_memory  # lazy: accelerate imports torch
-        release_memory()
+        from transformers import AutoTokenizer
 
-        gap = None
-        if qlora and quantization_gap:
-            progress(0.55, "Measuring how far the 16-bit model is from the 4-bit one the adapter was trained on.")
-            try:
-                quantized = load_quantized_reference(base_path, base_kwargs, paths.adapter, config)
-                gap = export_verify.quantization_gap(quantized, reference)
-                del quantized
-                from accelerate.utils import release_memory  # lazy: accelerate imports torch
-                release_memory()
-            except Exception as error:  # noqa: BLE001 - informational only, never fails an export
-                gap = {"error": f"could not load the 4-bit base here: {str(error).splitlines()[0][:200]}"}
+        from engine.export import verify as export_verify
 
-        progress(0.65, "Verifying: reloading the export from disk and comparing logits and greedy decoding.")
-        stored = torch_dtype if kind == "merged" else _adapter_dtype(staging)
-        report = export_verify.verify_export(staging, kind, stored, reference, tokenizer, base_path=base_path,
-                                             base_kwargs=base_kwargs)
-        progress(0.9, "Writing the model card and lineage.json.")
-        record = build_lineage(run_dir, config, lineage, base_record, staging, kind=kind, name=name,
-                               dtype=stored, max_shard_size=shard_size, report=report, gap=gap, tokenizer=tokenizer)
-        from engine.export.card import write_card_and_lineage
+        progress(0.08, "Loading the base model in float32 with the run's adapter (the reference).")
+        tokenizer = AutoTokenizer.from_pretrained(str(paths.adapter))
+        model = load_reference(base_path, base_kwargs, paths.adapter)
+        progress(0.25, "Running the verification prompts on the reference.")
+        reference = export_verify.reference_outputs(model, tokenizer)
 
-        write_card_and_lineage(staging, record)
-        _move_into_place(staging, target, exports_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    progress(1.0, report.sentence())
-    return ExportResult(name=name, kind=kind, path=target, dtype=stored, report=report, lineage=record,
-                        size_bytes=folder_size(target))
+        staging = exports_dir / f".staging-{name}-{uuid.uuid4().hex[:8]}"
+        staging.mkdir()
+        try:
+            if kind == "merged":
+                numel = sum(p.numel() for p in model.parameters())  # LoRA weights included: a slight overestimate
+                check_free_space(exports_dir, numel * DTYPE_BYTES[torch_dtype], "the merged model")
+                progress(0.35, "Merging the adapter into the base (merge_and_unload, in float32).")
+                import torch
+
+                # Merging in float32 and rounding once to the target dtype is exact up to that one rounding.
+                merged = model.merge_and_unload().to(getattr(torch, torch_dtype))
+                progress(0.45, f"Saving the merged model in {torch_dtype} safetensors, shards of at most {shard_size}.")
+                # transformers 5 always writes safetensors (there is no pickle format to opt out of).
+                merged.save_pretrained(str(staging), max_shard_size=shard_bytes)
+                del merged
+            else:
+                progress(0.4, "Saving the adapter package (PEFT save_pretrained).")
+                adapter_config = model.peft_config["default"]
+                adapter_config.base_model_name_or_path = base_record["load_as"]
+                adapter_config.revision = base_record.get("load_revision")
+                model.save_pretrained(str(staging))
+            tokenizer.save_pretrained(str(staging))
+            del model
+            from accelerate.utils import release_memory  # lazy: accelerate imports torch
+            release_memory()
+
+            gap = None
+            if qlora and quantization_gap:
+                progress(0.55, "Measuring how far the 16-bit model is from the 4-bit one the adapter was trained on.")
+                try:
+                    quantized = load_quantized_reference(base_path, base_kwargs, paths.adapter, config)
+                    gap = export_verify.quantization_gap(quantized, reference)
+                    del quantized
+                    from accelerate.utils import release_memory  # lazy: accelerate imports torch
+                    release_memory()
+                except Exception as error:  # noqa: BLE001 - informational only, never fails an export
+                    gap = {"error": f"could not load the 4-bit base here: {str(error).splitlines()[0][:200]}"}
+
+            progress(0.65, "Verifying: reloading the export from disk and comparing logits and greedy decoding.")
+            stored = torch_dtype if kind == "merged" else _adapter_dtype(staging)
+            report = export_verify.verify_export(staging, kind, stored, reference, tokenizer, base_path=base_path,
+                                                 base_kwargs=base_kwargs)
+            progress(0.9, "Writing the model card and lineage.json.")
+            record = build_lineage(run_dir, config, lineage, base_record, staging, kind=kind, name=name,
+                                   dtype=stored, max_shard_size=shard_size, report=report, gap=gap, tokenizer=tokenizer)
+            from engine.export.card import write_card_and_lineage
+
+            write_card_and_lineage(staging, record)
+            _move_into_place(staging, target, exports_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        progress(1.0, report.sentence())
+        return ExportResult(name=name, kind=kind, path=target, dtype=stored, report=report, lineage=record,
+                            size_bytes=folder_size(target))
 
 
 def _adapter_dtype(folder: Path) -> str:
@@ -435,7 +413,7 @@ def build_lineage(run_dir: Path, config, run_lineage: dict, base_record: dict, f
         "data": run_lineage.get("data"),
         "metrics": {"final_train_loss": summary.train_loss, "final_eval_loss": summary.eval_loss,
                     "baseline_eval_loss": summary.baseline_eval_loss},
-        "ratings": _win_rate(run_dir),
+        "ratings": win_rate_record(run_dir),
         "verification": dict(report.as_dict(), sentence=report.sentence()),
         "software": {"at_training": run_lineage.get("software") or {}, "at_export": software_lineage()},
     }

@@ -24,8 +24,8 @@ is therefore ``TOLERANCE_FACTOR * sqrt(layers) * u * scale``, where scale is the
 16 u on the 4-layer demo. Measured (the tests print it; every export's report records
 it): demo merged exports differ by 1-6 u in bf16 and 1.5-3.4 u in fp16 (40- and 120-step
 runs), at least 3x below the limit; on random-initialised Llamas of 4/16/32 layers,
-bf16 rounding gave 2.1/3.2/3.7 u, growing no faster than sqrt(depth). Real mistakes are far above the limit: on the demo,
-leaving the adapter out moves logits by 255 u and a 10% error in the LoRA scaling by
+bf16 rounding gave 2.1/3.2/3.7 u, growing no faster than sqrt(depth). Real mistakes are far
+above the limit: on the demo, leaving the adapter out moves logits by 255 u and a 10% error in the LoRA scaling by
 70 u, and the tests check that corrupted exports fail. An adapter package keeps the
 adapter's own dtype (float32 for every run LoRA Lab makes) on the same float32 base, so
 its limit is the float32 one: the computations are identical, and any real difference
@@ -61,7 +61,7 @@ UNIT_ROUNDOFF = {"float32": 2.0**-24, "bfloat16": 2.0**-8, "float16": 2.0**-11}
 class VerificationError(RunError):
     """The exported artifact does not reproduce the run's model; ``report`` says by how much."""
 
-    def __init__(self, message: str, report: "VerificationReport"):
+    def __init__(self, message: str, report: VerificationReport):
         self.report = report
         super().__init__(message)
 

@@ -18,7 +18,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine.demo import DEMO_MODEL_NAME
 from engine.errors import ConfigError, ModelNotFoundError
+from engine.hub import looks_like_hub_id, resolve_model, resolve_source
 
 CATALOG_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
 
@@ -382,6 +384,11 @@ def catalog_entry(model_id: str) -> dict:
     return json.loads(path.read_text(encoding="utf-8"))
 
 
+def catalog_id_for(name: str) -> str | None:
+    """Catalog id for a name: the id itself, any case, or the hub id stored in the entry; None otherwise."""
+    return _catalog_lookup(name)
+
+
 def _catalog_lookup(name: str) -> str | None:
     """Catalog id for a name: the id itself, any case, or the hub id stored in the entry."""
     wanted = name.strip().lower()
@@ -400,14 +407,8 @@ def load_arch(name_or_folder: str) -> ModelArch:
     name = (name_or_folder or "").strip()
     if not name:
         raise ModelNotFoundError("No model was given: pick a catalog model, a local folder or a hub id.")
-    if name == "demo":
-        from engine import demo  # lazy: building the demo model needs torch
-
-        # Only its config.json matters: read a cached build, build it (about a minute) only when there is none.
-        folder = demo.demo_model_dir()
-        if not (folder / "config.json").is_file():
-            folder = demo.ensure_demo_model(log=lambda *_: None)
-        return _arch_from_folder(Path(folder), name="demo")
+    if name == DEMO_MODEL_NAME:
+        return _arch_from_folder(Path(resolve_model(name)), name=name)
     catalog_id = _catalog_lookup(name)
     path = Path(name).expanduser()
     if path.exists():
@@ -415,8 +416,6 @@ def load_arch(name_or_folder: str) -> ModelArch:
         return _arch_from_folder(folder, name=path.name)
     if catalog_id:
         return arch_from_config(catalog_entry(catalog_id), name=catalog_id, source=f"catalog: presets/models/{catalog_id}.json")
-    from engine.hub import looks_like_hub_id, resolve_source
-
     if looks_like_hub_id(name):
         resolve_source(name, what="base model")  # raises a sentence when offline and not cached
         try:

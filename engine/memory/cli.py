@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 
 from engine.errors import ConfigError, LoraLabError
 from engine.memory.arch import arch_from_numbers, catalog_ids, load_arch
@@ -21,19 +22,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help=f"catalog id ({', '.join(catalog_ids())}), a folder with config.json, 'demo' or a hub id")
     parser.add_argument("--dims", help="instead of --model: hidden,layers,heads,kv_heads,intermediate,vocab")
     parser.add_argument("--method", default="qlora", help="full | lora | qlora | lora8bit")
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--alpha", type=int, default=None)
-    parser.add_argument("--targets", default="all-linear", help="all-linear or comma-separated module names")
+    # Defaults of None mean "MemorySettings' default" (or the measured comparison's, which trains a short batch).
+    parser.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16)")
+    parser.add_argument("--alpha", type=int, default=None, help="LoRA alpha (default 2 x rank)")
+    parser.add_argument("--targets", default=None, help="all-linear (default) or comma-separated module names")
     parser.add_argument("--dora", action="store_true")
-    parser.add_argument("--lora-dropout", type=float, default=0.0)
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--lora-dropout", type=float, default=None)
+    parser.add_argument("--batch", type=int, default=None, help="batch size (default 1)")
+    parser.add_argument("--seq-len", type=int, default=None, help="tokens per row (default 2048; --measure: 48)")
     parser.add_argument("--no-grad-ckpt", action="store_true", help="disable gradient checkpointing")
-    parser.add_argument("--optimizer", default="adamw_torch_fused")
-    parser.add_argument("--dtype", default="bfloat16", help="compute dtype: bfloat16 | float16 | float32")
+    parser.add_argument("--optimizer", default=None, help="default adamw_torch_fused")
+    parser.add_argument("--dtype", default=None, help="compute dtype: bfloat16 (default) | float16 | float32")
     parser.add_argument("--no-double-quant", action="store_true")
-    parser.add_argument("--attn", default="sdpa", choices=ATTENTION)
-    parser.add_argument("--loss", default="chunked", choices=("chunked", "full_logits"))
+    parser.add_argument("--attn", default=None, choices=ATTENTION)
+    parser.add_argument("--loss", default=None, choices=("chunked", "full_logits"))
     parser.add_argument("--no-kbit-upcast", action="store_true", help="prepare_model_for_kbit_training is not called")
     parser.add_argument("--padded", action="store_true", help="batches carry padding (attention mask)")
     parser.add_argument("--gpu", default=None, help=f"also report the largest batch and length that fit: {', '.join(GPUS)}")
@@ -41,30 +43,41 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def settings_from_args(args: argparse.Namespace) -> MemorySettings:
-    targets = args.targets if args.targets == "all-linear" else [t for t in args.targets.split(",") if t.strip()]
-    return MemorySettings(
+def settings_from_args(args: argparse.Namespace, defaults: MemorySettings | None = None) -> MemorySettings:
+    """The command line's settings; what it does not give comes from ``defaults``."""
+    d = defaults or MemorySettings()
+    given = lambda value, default: default if value is None else value
+    rank = given(args.rank, d.rank)
+    targets = given(args.targets, d.targets)
+    if isinstance(targets, str) and targets != "all-linear":
+        targets = [t.strip() for t in targets.split(",") if t.strip()]
+    return replace(
+        d,
         method=args.method,
-        rank=args.rank,
-        alpha=args.alpha if args.alpha is not None else 2 * args.rank,
+        rank=rank,
+        alpha=args.alpha if args.alpha is not None else (2 * rank if args.rank is not None else d.alpha),
         targets=targets,
-        dora=args.dora,
-        lora_dropout=args.lora_dropout,
-        batch_size=args.batch,
-        seq_len=args.seq_len,
-        gradient_checkpointing=not args.no_grad_ckpt,
-        optimizer=args.optimizer,
-        compute_dtype=args.dtype,
-        double_quant=not args.no_double_quant,
-        attn=args.attn,
-        loss=args.loss,
-        kbit_upcast=not args.no_kbit_upcast,
-        padded=args.padded,
+        dora=args.dora or d.dora,
+        lora_dropout=given(args.lora_dropout, d.lora_dropout),
+        batch_size=given(args.batch, d.batch_size),
+        seq_len=given(args.seq_len, d.seq_len),
+        gradient_checkpointing=False if args.no_grad_ckpt else d.gradient_checkpointing,
+        optimizer=given(args.optimizer, d.optimizer),
+        compute_dtype=given(args.dtype, d.compute_dtype),
+        double_quant=False if args.no_double_quant else d.double_quant,
+        attn=given(args.attn, d.attn),
+        loss=given(args.loss, d.loss),
+        kbit_upcast=False if args.no_kbit_upcast else d.kbit_upcast,
+        padded=args.padded or d.padded,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    return run(build_parser().parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """The estimate for parsed arguments (``python -m engine memory`` without --measure)."""
     try:
         if args.dims:
             numbers = [int(x) for x in args.dims.split(",")]

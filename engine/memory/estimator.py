@@ -17,17 +17,12 @@ Pure arithmetic over the model's config: no torch import, no GPU.
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import asdict, dataclass, field, replace
 
-from engine.errors import ConfigError, LoraLabError
+from engine.errors import ConfigError
 from engine.memory.activations import ActivationProfile, TracePlan, activation_profile
 from engine.memory.arch import (
     ModelArch,
-    arch_from_numbers,
-    catalog_ids,
     lm_head_targeted,
     load_arch,
     lora_param_tensors,

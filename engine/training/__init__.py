@@ -1,12 +1,12 @@
 """Training runs: the run directory, the worker process, the job manager and the memory sampler.
 
 ``rundir`` owns the layout of a run folder and every read or write of it; ``worker`` is the
-training process (``python -m engine.training.worker RUN_DIR``); ``jobs`` starts, stops,
-queues and recovers workers; ``sampler`` records memory readings beside the run.
+training process (``python -m engine.training.worker RUN_DIR``), which also records its
+own memory through ``sampler``; ``jobs`` starts, stops, queues and recovers workers.
 """
 
 from engine.training import rundir
-from engine.training.jobs import JobManager, request_stop, spawn_worker, wait_for_state
+from engine.training.jobs import JobManager, kill_worker, request_stop, spawn_worker, wait_for_state
 from engine.training.sampler import GpuSampler
 
-__all__ = ["GpuSampler", "JobManager", "request_stop", "rundir", "spawn_worker", "wait_for_state"]
+__all__ = ["GpuSampler", "JobManager", "kill_worker", "request_stop", "rundir", "spawn_worker", "wait_for_state"]

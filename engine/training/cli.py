@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -33,15 +32,14 @@ def follow(run_dir: Path, process=None) -> str:
     from tqdm import tqdm
 
     bar = tqdm(total=None, unit="step", dynamic_ncols=True, desc=run_dir.name, mininterval=1.0)
-    interrupts = 0
     offset = 0
     last_state = None
     while True:
         try:
-            status = rundir.read_status(run_dir)
-            state = status.get("state")
-            if status.get("max_steps") and bar.total != status["max_steps"]:
-                bar.total = status["max_steps"]
+            status = rundir.read_run_status(run_dir)
+            state = status.state
+            if status.max_steps and bar.total != status.max_steps:
+                bar.total = status.max_steps
                 bar.refresh()
             records, offset = rundir.read_jsonl(rundir.RunPaths(run_dir).metrics, offset)
             for record in records:
@@ -52,11 +50,10 @@ def follow(run_dir: Path, process=None) -> str:
                               f"held-out prompts ({record['seconds']:.1f} s)")
                 elif record.get("loss") is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=record.get("tokens_per_second"))
-            step = status.get("step", 0) or 0
-            if step != bar.n:
-                bar.update(step - bar.n)
+            if status.step != bar.n:
+                bar.update(status.step - bar.n)
             if state != last_state:
-                bar.write(f"[{state}] {status.get('message', '')}")
+                bar.write(f"[{state}] {status.message}")
                 last_state = state
             if state in rundir.TERMINAL_STATES and (process is None or process.poll() is not None):
                 break
@@ -67,21 +64,22 @@ def follow(run_dir: Path, process=None) -> str:
                 continue
             time.sleep(0.5)
         except KeyboardInterrupt:
-            interrupts += 1
-            if interrupts == 1:
-                rundir.RunPaths(run_dir).stop_request.touch()
+            from engine.training.jobs import request_stop
+
+            try:
+                outcome = request_stop(run_dir, process=process, reason="Stopped by force (a second Ctrl-C).")
+            except LoraLabError:
+                continue  # the worker is already gone; the loop says how it ended
+            if outcome == "requested":
                 bar.write("stop requested: finishing the current step and saving (Ctrl-C again to kill)")
-            elif process is not None:
-                os.killpg(process.pid, signal.SIGKILL)
-                rundir.update_status(run_dir, "stopped", message="Stopped by force (a second Ctrl-C).")
     bar.close()
-    status = rundir.read_status(run_dir)
-    for sentence in status.get("fallbacks", []):
+    status = rundir.read_run_status(run_dir)
+    for sentence in status.fallbacks:
         print(f"note: {sentence}")
-    if status.get("error"):
-        print(f"{status['state']}: {status['error']}", file=sys.stderr)
-    print(f"run {run_dir.name}: {status.get('state')} ({run_dir})")
-    return status.get("state", "unknown")
+    if status.error:
+        print(f"{status.state}: {status.error}", file=sys.stderr)
+    print(f"run {run_dir.name}: {status.state} ({run_dir})")
+    return status.state
 
 
 def train_main(argv: list[str]) -> int:
@@ -159,7 +157,7 @@ def resume_main(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         run_dir = rundir.resolve_run(args.runs_dir, args.run)
-        state = rundir.read_status(run_dir).get("state")
+        state = rundir.read_run_status(run_dir).state
         if state not in ("stopped", "interrupted", "failed"):
             raise rundir.RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
     except LoraLabError as error:

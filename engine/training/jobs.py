@@ -5,6 +5,11 @@ separate processes in their own session, writing to their run directory; their o
 goes to ``train.log`` (a file, never a pipe nobody drains). Because the run directory is
 the truth, a restarted dashboard finds its runs again: a worker still alive is adopted,
 a dead one's run is marked ``interrupted``, queued runs are queued again.
+
+Everything here is the launcher's side of a run: it writes ``launch.json`` through
+``rundir.update_launch`` and never the worker's ``status.json``. Stopping has one
+protocol for the dashboard, ``python -m engine stop`` and Ctrl-C alike: ``request_stop``
+(the ``stop_request`` file first, a kill on the second request) and ``kill_worker``.
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import psutil
 
 from engine.training import rundir
 from engine.errors import RunError
-from engine.training.rundir import ACTIVE_STATES, TERMINAL_STATES, RunPaths, update_status
+from engine.training.rundir import RunPaths, update_launch
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FORCE_STOP_AFTER_S = 120.0  # a graceful stop that has not finished by then is forced
@@ -39,13 +44,14 @@ def spawn_worker(run_dir: Path, resume: bool = False) -> subprocess.Popen:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
+    paths.stop_request.unlink(missing_ok=True)  # left by an earlier attempt; a new one starts unasked
     with open(paths.log, "ab") as log_file:
         process = subprocess.Popen(
             worker_command(run_dir, resume), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=PROJECT_ROOT, env=env, start_new_session=True,
         )
-    update_status(run_dir, "loading", pid=process.pid, message="Starting the worker process.", error=None,
-                  worker_started_at=time.time())
+    update_launch(run_dir, "loading", pid=process.pid, message="Starting the worker process.", error=None,
+                  worker_started_at=time.time(), queue_position=None)
     return process
 
 
@@ -74,22 +80,77 @@ def describe_exit(returncode: int | None) -> str:
     return f"The worker process exited with code {returncode} without recording why."
 
 
-def mark_dead_worker(run_dir: Path, returncode: int | None, interrupted: bool = False) -> None:
-    """A worker gone without a final status: say so in status.json."""
-    status = rundir.read_status(run_dir)
-    if status.get("state") in TERMINAL_STATES:
-        return
-    step = status.get("step", 0)
+def _resume_hint(run_dir: Path) -> str:
     checkpoint = rundir.latest_checkpoint(run_dir)
-    resume_hint = (f" Resume continues from {checkpoint.name}." if checkpoint else
-                   " No checkpoint was saved yet, so resume starts over.")
+    return (f" Resume continues from {checkpoint.name}." if checkpoint else
+            " No checkpoint was saved yet, so resume starts over.")
+
+
+def mark_dead_worker(run_dir: Path, returncode: int | None, interrupted: bool = False) -> None:
+    """A worker gone without a final status: say so (unless it wrote one itself)."""
+    step = rundir.read_run_status(run_dir).step
     if interrupted:
-        update_status(run_dir, "interrupted", message="Interrupted.",
+        update_launch(run_dir, "interrupted", unless_ended=True, message="Interrupted.",
                       error=f"The worker was no longer running when the dashboard (re)started; last step {step}."
-                            + resume_hint)
+                            + _resume_hint(run_dir))
     else:
-        update_status(run_dir, "failed", message="Failed.",
-                      error=f"{describe_exit(returncode)} Last recorded step: {step}." + resume_hint)
+        update_launch(run_dir, "failed", unless_ended=True, message="Failed.",
+                      error=f"{describe_exit(returncode)} Last recorded step: {step}." + _resume_hint(run_dir))
+
+
+def request_stop(run_dir: Path, force: bool = False, process: subprocess.Popen | None = None,
+                 reason: str = "Stopped by force (a second stop request).") -> str:
+    """Stop a run's live worker, whoever started it: the one stop protocol of the UI, the CLI and Ctrl-C.
+
+    The first request leaves ``stop_request`` for the worker, which finishes its step,
+    saves the adapter and a checkpoint and exits ("requested"). A second request, or
+    ``force``, kills the worker's process group ("killed"). ``process``: the Popen, when
+    the caller started the worker, so it is reaped.
+    """
+    status = rundir.read_run_status(run_dir)
+    if not worker_alive(run_dir, status.pid):
+        raise RunError(f"Run '{Path(run_dir).name}' has no live worker.")
+    paths = RunPaths(run_dir)
+    if force or paths.stop_request.exists():
+        kill_worker(run_dir, status.pid, reason, process)
+        return "killed"
+    paths.stop_request.touch()
+    return "requested"
+
+
+def kill_worker(run_dir: Path, pid: int, reason: str, process: subprocess.Popen | None = None,
+                wait_s: float = 10.0) -> None:
+    """SIGKILL the worker and its children, wait until it is gone, and record ``stopped`` with ``reason``.
+
+    Nothing is recorded if the worker reached a final state by itself just before.
+    """
+    try:
+        try:
+            os.killpg(pid, signal.SIGKILL)  # its own session (spawn_worker): the children go too
+        except ProcessLookupError:
+            os.kill(pid, signal.SIGKILL)  # started by hand, not a group leader
+    except ProcessLookupError:
+        pass  # already gone
+    except PermissionError:
+        raise RunError(f"Not allowed to stop the worker of run '{Path(run_dir).name}' (pid {pid}): it belongs to "
+                       "another user.") from None
+    if process is not None:
+        process.wait(timeout=wait_s)
+    else:
+        deadline = time.time() + wait_s
+        while worker_alive(run_dir, pid) and time.time() < deadline:
+            time.sleep(0.05)
+    no_checkpoint = None if rundir.latest_checkpoint(run_dir) else "No checkpoint had been saved; resume starts over."
+    update_launch(run_dir, "stopped", unless_ended=True, message=reason, error=no_checkpoint)
+    RunPaths(run_dir).stop_request.unlink(missing_ok=True)
+
+
+def stop_requested_for(run_dir: Path) -> float | None:
+    """Seconds since a stop was requested, or None."""
+    try:
+        return time.time() - RunPaths(run_dir).stop_request.stat().st_mtime
+    except FileNotFoundError:
+        return None
 
 
 @dataclass
@@ -97,16 +158,14 @@ class ActiveJob:
     run_dir: Path
     process: subprocess.Popen | None  # None for a worker adopted after a dashboard restart
     pid: int
-    stop_requested_at: float | None = None
 
 
 class JobManager:
     """The dashboard's (or a test's) view of training jobs. Thread-safe; polls, never blocks the UI."""
 
-    def __init__(self, runs_dir: Path, sampler=None, poll_s: float = 0.5, recover: bool = True):
+    def __init__(self, runs_dir: Path, poll_s: float = 0.5, recover: bool = True):
         self.runs_dir = Path(runs_dir)
         self.runs_dir.mkdir(parents=True, exist_ok=True)
-        self.sampler = sampler
         self.poll_s = poll_s
         self.queue: deque[tuple[Path, bool]] = deque()
         self.active: ActiveJob | None = None
@@ -150,11 +209,11 @@ class JobManager:
 
     def resume(self, name: str) -> Path:
         run_dir = rundir.resolve_run(self.runs_dir, name)
-        state = rundir.read_status(run_dir).get("state")
+        state = rundir.read_run_status(run_dir).state
         if state not in ("stopped", "interrupted", "failed"):
             raise RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
         with self._lock:
-            update_status(run_dir, "queued", message="Queued to resume.", error=None)
+            update_launch(run_dir, "queued", message="Queued to resume.", error=None)
             self.queue.append((run_dir, True))
             self._refresh_queue_messages()
         self.poll()
@@ -167,35 +226,15 @@ class JobManager:
             for item in list(self.queue):
                 if item[0] == run_dir:
                     self.queue.remove(item)
-                    update_status(run_dir, "stopped", message="Removed from the queue before it started.")
+                    update_launch(run_dir, "stopped", message="Removed from the queue before it started.",
+                                  queue_position=None)
                     self._refresh_queue_messages()
                     return "dequeued"
             job = self.active if self.active and self.active.run_dir == run_dir else None
-        if job is None:
-            status = rundir.read_status(run_dir)
-            if status.get("state") in ACTIVE_STATES and worker_alive(run_dir, status.get("pid")):
-                # A worker this manager does not own (started from the CLI): same protocol.
-                return request_stop(run_dir, force=force)
+        if job is None and not rundir.read_run_status(run_dir).active:
             raise RunError(f"Run '{run_dir.name}' is not running.")
-        if force or job.stop_requested_at is not None:
-            self._kill(job, reason="Stopped by force (a second stop request).")
-            return "killed"
-        job.stop_requested_at = time.time()
-        RunPaths(run_dir).stop_request.touch()
-        update_status(run_dir, message="Stop requested: finishing the current step.")
-        return "requested"
-
-    def _kill(self, job: ActiveJob, reason: str) -> None:
-        try:
-            os.killpg(job.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        if job.process is not None:
-            job.process.wait(timeout=10)
-        checkpoint = rundir.latest_checkpoint(job.run_dir)
-        update_status(job.run_dir, "stopped", message=reason,
-                      error=None if checkpoint else "No checkpoint had been saved; resume starts over.")
-        RunPaths(job.run_dir).stop_request.unlink(missing_ok=True)
+        # Ours or one started from the CLI: the same protocol either way.
+        return request_stop(run_dir, force=force, process=job.process if job else None)
 
     # ------------------------------------------------------------------ polling
     def poll(self) -> None:
@@ -205,46 +244,39 @@ class JobManager:
             if job is not None:
                 returncode = job.process.poll() if job.process else (
                     None if worker_alive(job.run_dir, job.pid) else -999)
+                waited = stop_requested_for(job.run_dir)
                 if returncode is not None:
                     mark_dead_worker(job.run_dir, None if returncode == -999 else returncode)
-                    self._detach_sampler()
                     self.active = None
-                elif job.stop_requested_at and time.time() - job.stop_requested_at > FORCE_STOP_AFTER_S:
-                    self._kill(job, reason=f"Stopped by force: the graceful stop took over {FORCE_STOP_AFTER_S:.0f} s.")
-                    self._detach_sampler()
+                elif waited is not None and waited > FORCE_STOP_AFTER_S:
+                    kill_worker(job.run_dir, job.pid, f"Stopped by force: the graceful stop took over "
+                                                      f"{FORCE_STOP_AFTER_S:.0f} s.", job.process)
                     self.active = None
             if self.active is None and self.queue:
                 run_dir, resume = self.queue.popleft()
                 process = spawn_worker(run_dir, resume=resume)
                 self.active = ActiveJob(run_dir=run_dir, process=process, pid=process.pid)
-                if self.sampler is not None:
-                    self.sampler.attach(run_dir, process.pid)
                 self._refresh_queue_messages()
-
-    def _detach_sampler(self) -> None:
-        if self.sampler is not None:
-            self.sampler.detach()
 
     def _refresh_queue_messages(self) -> None:
         for position, (run_dir, _) in enumerate(self.queue, start=1):
-            update_status(run_dir, "queued", message=f"Queued: position {position}, behind the running job.")
+            update_launch(run_dir, "queued", message=f"Queued: position {position}, behind the running job.",
+                          queue_position=position)
 
     # ------------------------------------------------------------------ restart recovery
     def recover(self) -> None:
         """Make the run directories tell the truth after a restart (see module docstring)."""
         queued = []
         for summary in rundir.list_runs(self.runs_dir):
-            status = rundir.read_status(summary.path)
-            state = status.get("state")
-            if state in ACTIVE_STATES:
-                if worker_alive(summary.path, status.get("pid")) and self.active is None:
-                    self.active = ActiveJob(run_dir=summary.path, process=None, pid=status["pid"])
-                    if self.sampler is not None:
-                        self.sampler.attach(summary.path, status["pid"])
-                elif not worker_alive(summary.path, status.get("pid")):
+            status = rundir.read_run_status(summary.path)
+            if status.active:
+                alive = worker_alive(summary.path, status.pid)
+                if alive and self.active is None:
+                    self.active = ActiveJob(run_dir=summary.path, process=None, pid=status.pid)
+                elif not alive:
                     mark_dead_worker(summary.path, None, interrupted=True)
-            elif state == "queued":
-                queued.append((status.get("updated_at", 0), summary.path))
+            elif status.state == "queued":
+                queued.append((status.updated_at or 0, summary.path))
         for _, run_dir in sorted(queued):
             self.queue.append((run_dir, rundir.latest_checkpoint(run_dir) is not None))
 
@@ -258,29 +290,12 @@ class JobManager:
             return self.active.run_dir.name if self.active else None
 
 
-def request_stop(run_dir: Path, force: bool = False, timeout_s: float = FORCE_STOP_AFTER_S) -> str:
-    """Stop a worker owned by nobody in this process (the CLI's ``stop``): same file protocol."""
-    status = rundir.read_status(run_dir)
-    pid = status.get("pid")
-    if not worker_alive(run_dir, pid):
-        raise RunError(f"Run '{Path(run_dir).name}' has no live worker.")
-    paths = RunPaths(run_dir)
-    if force or paths.stop_request.exists():
-        os.killpg(pid, signal.SIGKILL)
-        update_status(run_dir, "stopped", message="Stopped by force (a second stop request).")
-        paths.stop_request.unlink(missing_ok=True)
-        return "killed"
-    paths.stop_request.touch()
-    update_status(run_dir, message="Stop requested: finishing the current step.")
-    return "requested"
-
-
 def wait_for_state(run_dir: Path, states, timeout_s: float, poll_s: float = 0.2) -> str | None:
     """Block until the run reaches one of ``states`` (tests and the CLI use this)."""
     deadline = time.time() + timeout_s
     while time.time() < deadline:
-        state = rundir.read_status(run_dir).get("state")
+        state = rundir.read_run_status(run_dir).state
         if state in states:
             return state
         time.sleep(poll_s)
-    return rundir.read_status(run_dir).get("state")
+    return rundir.read_run_status(run_dir).state

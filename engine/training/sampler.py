@@ -1,11 +1,14 @@
-"""GPU memory sampler that runs inside the dashboard process.
+"""Memory sampler: NVML device readings, or the training process's RAM without a GPU.
 
-Why here and not in the training worker: NVML reads the driver's counters without
-creating a CUDA context, so the dashboard can watch the GPU (and keep watching between
-runs) without taking any VRAM. That only holds if this module never imports torch.
+Two users, one class. The training worker runs a ``GpuSampler(run_dir=..., pid=os.getpid())``
+on a thread for its whole life and appends every sample to the run's ``gpu.jsonl``, so a
+run has a memory history however it was started (dashboard, ``python -m engine train``, a
+test). NVML reads the driver's counters without creating a CUDA context, so sampling from
+a thread of the worker costs no VRAM and never touches torch. The dashboard runs one with
+no run: it shows live device memory between runs and writes nowhere, so two dashboards
+watching one run never double its samples.
 
-Every sample is one JSON object; during a run each one is appended as a line to the
-run's ``gpu.jsonl`` so the memory history stays with the run::
+Every sample is one JSON object; in a run each is appended as a line of ``gpu.jsonl``::
 
     {"t": 1718000000.5,                  # unix time, seconds
      "source": "nvml" | "process_rss",   # where the numbers come from (see below)
@@ -17,17 +20,20 @@ run's ``gpu.jsonl`` so the memory history stays with the run::
      "error": str|null}                  # what could not be read this time, if anything
 
 ``source == "nvml"``: device readings from NVML; ``process_bytes`` is the VRAM held by
-the worker and its child processes, summed over devices. It is null between runs, when
-NVML cannot report it (Windows WDDM), or when NVML lists PIDs this process cannot see
-(a container with its own PID namespace), and 0 when the worker holds no GPU memory yet.
+the worker and its child processes, summed over devices. It is null without a process to
+measure (the dashboard's sampler), when NVML cannot report it (Windows WDDM), or when NVML
+lists PIDs this process cannot see (a container with its own PID namespace), and 0 when
+the worker holds no GPU memory yet.
 
 ``source == "process_rss"``: there is no usable NVIDIA GPU, ``devices`` is empty and
 ``process_bytes`` is the resident set size of the worker plus its children. RSS is a sum
 over processes, so pages shared after ``fork`` count once per process: an upper bound.
 
 A value that could not be read is null; ``engine.training.rundir.read_gpu_samples`` reads the file
-back. NVML ignores ``CUDA_VISIBLE_DEVICES``: every
-device of the machine is listed.
+back. NVML ignores ``CUDA_VISIBLE_DEVICES``: every device of the machine is listed.
+
+When the measured process has ended, the sampler stops: the end of a run is not a failed
+reading, so no sample is recorded for it.
 """
 
 from __future__ import annotations
@@ -241,6 +247,16 @@ def _sum_shares(shares: list[int | None]) -> int | None:
     return sum(known)
 
 
+def _has_exited(pid: int) -> bool:
+    """Gone, or a zombie (exited, only not yet reaped by its parent)."""
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+    except psutil.AccessDenied:
+        return False  # alive, only not ours to inspect
+
+
 def _process_tree(pid: int) -> set[int]:
     pids = {pid}
     try:
@@ -276,16 +292,20 @@ def describe_error(exc: BaseException) -> str:
 class GpuSampler:
     """Samples memory every ``interval_s`` on a daemon thread; keeps ``history_s`` in memory.
 
-    The job manager calls ``attach(run_dir, pid)`` when a worker starts and ``detach()``
-    when it ends; while attached, every sample is also appended to ``run_dir/gpu.jsonl``.
+    With ``run_dir``, every sample is also appended to ``run_dir/gpu.jsonl``; with ``pid``,
+    each sample measures that process and its children, and sampling ends when it exits.
     ``step()`` takes one sample synchronously (what the thread does each tick), which
     lets tests step deterministically without starting the thread.
     """
 
-    def __init__(self, interval_s: float = 1.0, nvml_module: Any = None, history_s: float = 900.0):
+    def __init__(self, interval_s: float = 1.0, nvml_module: Any = None, history_s: float = 900.0,
+                 run_dir: Path | None = None, pid: int | None = None):
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.interval_s = interval_s
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.pid = int(pid) if pid is not None else None
+        self.finished = False  # the measured process has exited; nothing more to sample
         self._nvml_override = nvml_module
         self._nvml: Any = None
         self._backend: str | None = None
@@ -293,10 +313,8 @@ class GpuSampler:
         self._nvml_ready = False
         self._device_names: list[str] = []
         self._backend_lock = threading.Lock()  # detection and NVML (re)initialisation
-        self._lock = threading.Lock()  # samples and the attached run
+        self._lock = threading.Lock()  # samples and the write error
         self._samples: deque[dict] = deque(maxlen=max(2, int(history_s / interval_s) + 1))
-        self._run_dir: Path | None = None
-        self._pid: int | None = None
         self._write_error: str | None = None
         self._logged_error: str | None = None
         self._stop_event = threading.Event()
@@ -325,19 +343,6 @@ class GpuSampler:
 
     def __exit__(self, *exc_info) -> None:
         self.stop()
-
-    def attach(self, run_dir: Path, pid: int) -> None:
-        """Start writing samples to ``run_dir/gpu.jsonl`` and measuring ``pid``'s share."""
-        with self._lock:
-            self._run_dir = Path(run_dir)
-            self._pid = int(pid)
-            self._write_error = None
-
-    def detach(self) -> None:
-        with self._lock:
-            self._run_dir = None
-            self._pid = None
-            self._write_error = None
 
     # ------------------------------------------------------------------ readings
     @property
@@ -376,17 +381,24 @@ class GpuSampler:
             text += f" Could not write gpu.jsonl: {write_error}."
         return text
 
-    def step(self) -> dict:
-        """Take one sample, keep it in memory and, while attached, append it to gpu.jsonl."""
-        with self._lock:
-            run_dir, pid = self._run_dir, self._pid
-        sample = self._take(pid)
+    def step(self) -> dict | None:
+        """Take one sample, keep it in memory and, for a run, append it to gpu.jsonl.
+
+        None once the measured process has exited: the sampler is finished, not failing.
+        """
+        if self.finished or (self.pid is not None and _has_exited(self.pid)):
+            self.finished = True
+            self._stop_event.set()
+            return None
+        sample = self._take(self.pid)
+        if self.pid is not None and sample.get("error") and _has_exited(self.pid):
+            self.finished = True  # it ended while being read: that is the end, not an error
+            self._stop_event.set()
+            return None
         with self._lock:
             self._samples.append(sample)
-            # Detached or re-attached while reading: the sample belongs to no current run.
-            still_attached = self._run_dir == run_dir and self._pid == pid
-        if run_dir is not None and still_attached:
-            self._append(run_dir / "gpu.jsonl", sample)
+        if self.run_dir is not None:
+            self._append(self.run_dir / "gpu.jsonl", sample)
         self._log_error_once(sample.get("error"))
         return sample
 

@@ -122,9 +122,8 @@ def evaluate_run(run_dir: Path, metric: str | None = None, limit: int | None = N
 
     from engine.config.build import decide_runtime, model_load_kwargs
     from engine.data.load import load_dataset_rows, split_rows
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
     from engine.errors import RunError
-    from engine.hub import resolve_source
+    from engine.hub import resolve_model
 
     run_dir = Path(run_dir)
     config = rundir.load_config(run_dir)
@@ -147,9 +146,7 @@ def evaluate_run(run_dir: Path, metric: str | None = None, limit: int | None = N
     runtime = decide_runtime(config)
     kwargs = model_load_kwargs(config, runtime, training=False)
     kwargs.pop("attn_implementation", None)
-    name = config.model.name_or_path
-    base_path = str(ensure_demo_model(log=lambda *_: None)) if name == DEMO_MODEL_NAME else \
-        resolve_source(name, what="base model")
+    base_path = resolve_model(config.model.name_or_path, what="base model")
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if "quantization_config" not in kwargs:
         model.to(runtime.device)

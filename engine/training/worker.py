@@ -1,7 +1,8 @@
 """The training process: one per run, ``python -m engine.training.worker RUN_DIR [--resume]``.
 
 Reads ``config.yaml`` from the run directory and writes everything else there: status
-transitions, one metrics line per log/eval event, the adapter, checkpoints and lineage.
+transitions, one metrics line per log/eval event, memory samples (a sampler thread), the
+adapter, checkpoints and lineage.
 It is TRL's ``SFTTrainer`` with a PEFT config (and bitsandbytes for QLoRA) plus a small
 callback; the worker adds only what a dashboard needs around it — honest fallbacks when
 the machine cannot do what was asked, a stop flag, and failures explained in words.
@@ -22,11 +23,14 @@ from engine.training import rundir
 from engine.config import RunConfig
 from engine.config.build import Runtime, decide_runtime, model_load_kwargs, to_lora_config, to_sft_config
 from engine.errors import LoraLabError
+from engine.hub import resolve_model
 from engine.training.rundir import RunPaths, add_fallback, update_status
+from engine.training.sampler import GpuSampler
 from engine.training.task_eval import make_task_eval_callback, plan_task_eval
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
+SAMPLE_INTERVAL_S = 1.0  # memory samples per second into gpu.jsonl (what the Memory chart draws)
 
 
 def log(message: str) -> None:
@@ -40,15 +44,6 @@ def record_runtime(run_dir: Path, runtime: Runtime) -> None:
     for sentence in runtime.fallbacks:
         log(f"fallback: {sentence}")
         add_fallback(run_dir, sentence)
-
-
-def resolve_model_path(config: RunConfig) -> str:
-    from engine.demo import DEMO_MODEL_NAME, ensure_demo_model
-    from engine.hub import resolve_source
-
-    if config.model.name_or_path == DEMO_MODEL_NAME:
-        return str(ensure_demo_model(log=log))
-    return resolve_source(config.model.name_or_path, what="base model")
 
 
 # ----------------------------------------------------------------------------- builders
@@ -132,6 +127,7 @@ def make_callback(run_dir: Path):
             self.last_tokens = None
             self.first_step = None
             self.stop_requested = False
+            self.evaluating = False  # in memory: a status read per eval batch was a file read per batch
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.time()
@@ -182,12 +178,13 @@ def make_callback(run_dir: Path):
             return control
 
         def on_evaluate(self, args, state, control, **kwargs):
+            self.evaluating = False
             if not self.stop_requested:
                 update_status(run_dir, "training", message="Training.")
 
         def on_prediction_step(self, args, state, control, **kwargs):
-            status = rundir.read_status(run_dir)
-            if status.get("state") != "evaluating":
+            if not self.evaluating:
+                self.evaluating = True
                 update_status(run_dir, "evaluating", message="Evaluating on the held-out rows.")
 
         def on_save(self, args, state, control, **kwargs):
@@ -236,7 +233,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     runtime = decide_runtime(config)
     record_runtime(run_dir, runtime)
     update_status(run_dir, message="Finding the base model.")
-    model_path = resolve_model_path(config)
+    model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
     train_dataset, eval_dataset, data_lineage = build_datasets(config)
     # Task metric: checked here (references, schema, pattern), before the model loads, so bad input fails in words.
@@ -249,6 +246,11 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=config.model.revision,
                                               trust_remote_code=config.model.trust_remote_code)
     update_status(run_dir, message="Loading the base model.")
+    probe = None
+    if config.train.memory_probe:  # a measurement run (engine.measurements): memory by phase, memory_probe.json
+        from engine.training.probe import make_memory_probe
+
+        probe = make_memory_probe(run_dir, runtime.as_dict())  # made before the weights load: the process baseline
     model = build_model(config, model_path, runtime)
     check_target_modules(model, config)
     if torch.cuda.is_available():
@@ -266,7 +268,8 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     # The task evaluation runs before the run-directory callback's on_evaluate puts the state back to "training".
     callbacks = ([make_task_eval_callback(run_dir, task_eval, log)] if task_eval else []) + [callback]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=to_lora_config(config), callbacks=callbacks)
+                         processing_class=tokenizer, peft_config=to_lora_config(config),
+                         callbacks=callbacks + ([probe] if probe else []))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
@@ -282,8 +285,6 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
         log(f"bitsandbytes Linear4bit layers: {n4}")
         update_status(run_dir, linear4bit_layers=n4)
 
-    if paths.stop_request.exists():
-        paths.stop_request.unlink()
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     update_status(run_dir, train_runtime_s=result.metrics.get("train_runtime"),
                   tokens_seen=trainer.state.num_input_tokens_seen)
@@ -331,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # The run's memory history, recorded from inside the run however it was started;
+    # stopped before the process ends, so the last sample is a reading, not "process exited".
+    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir, pid=os.getpid())
+    sampler.start()
     try:
         final = run_training(run_dir, resume=args.resume)
         return 0 if final == "completed" else EXIT_STOPPED
@@ -340,6 +345,8 @@ def main(argv: list[str] | None = None) -> int:
         log(f"failed: {reason}")
         update_status(run_dir, "failed", message="Failed.", error=reason)
         return EXIT_FAILED
+    finally:
+        sampler.stop()
 
 
 if __name__ == "__main__":
