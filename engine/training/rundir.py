@@ -151,6 +151,9 @@ class RunStatus:
     linear4bit_layers: int | None = None
     train_runtime_s: float | None = None
     tokens_seen: int | None = None
+    task_metric: str | None = None  # engine.training.task_eval: the metric, its latest and its step-0 score
+    task_score: float | None = None
+    baseline_task_score: float | None = None
     # launch facts (the launcher's)
     created_at: float | None = None
     worker_started_at: float | None = None
@@ -182,7 +185,8 @@ class RunStatus:
 SHARED_FIELDS = ("state", "message", "error", "pid")
 WORKER_FIELDS = SHARED_FIELDS + ("step", "max_steps", "eta_s", "fallbacks", "baseline_eval_loss",
                                  "trainable_parameters", "total_parameters", "linear4bit_layers",
-                                 "train_runtime_s", "tokens_seen")
+                                 "train_runtime_s", "tokens_seen", "task_metric", "task_score",
+                                 "baseline_task_score")
 LAUNCHER_FIELDS = SHARED_FIELDS + ("created_at", "worker_started_at", "queue_position")
 _BOOKKEEPING = ("history", "seq", "state_seq", "updated_at", "started_at", "ended_at")
 
