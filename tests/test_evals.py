@@ -184,4 +184,4 @@ def test_the_worker_refuses_a_non_json_reference_before_training(tmp_path, demo_
     status = rundir.read_status(run_dir)
     assert status["state"] == "failed"
     assert "held-out row 1 is not JSON" in status["error"] and "exact_match or token_f1" in status["error"]
-    assert rundir.read_metrics(run_dir) == [] and "step" not in status
+    assert rundir.read_metrics(run_dir) == [] and status.get("step", 0) == 0  # nothing was trained
