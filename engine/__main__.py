@@ -15,6 +15,7 @@ COMMANDS = {
     "stop": ("engine.training.cli", "stop_main", "ask a running run to stop (twice: force)"),
     "resume": ("engine.training.cli", "resume_main", "continue a stopped or interrupted run from its last checkpoint"),
     "show": ("engine.training.cli", "show_main", "print a run's status, fallbacks, error and log tail"),
+    "evaluate": ("engine.training.cli", "evaluate_main", "score a run's adapter and its base with a task metric"),
     "memory": ("engine.measurements.cli", "memory_main",
                "estimate training memory term by term; --measure: full/LoRA/QLoRA measured here"),
     "data": ("engine.data.cli", "main", "inspect a dataset: format, counts, token statistics, problems"),

@@ -139,6 +139,36 @@ def test_several_runs_overlay_with_one_colour_each():
     assert {"train loss (EMA)", "baseline · train loss (EMA)"} <= {t.name for t in mixed.data}
 
 
+def task_events(scores: list[float], every: int = 10, metric: str = "json_equal") -> list[dict]:
+    """What the task evaluation writes: one task_eval event per evaluation, the base first at step 0."""
+    return [{"event": "task_eval", "step": i * every, "metric": metric, "score": score, "n": 50, "seconds": 1.0}
+            for i, score in enumerate(scores)]
+
+
+def test_task_score_is_drawn_on_its_own_right_axis():
+    fig = loss_figure(training_events(40) + task_events([0.0, 0.3, 0.8, 0.95, 0.97]))
+    scores = trace(fig, "json_equal (right axis)")
+    assert list(scores.x) == [0, 10, 20, 30, 40] and list(scores.y) == [0.0, 0.3, 0.8, 0.95, 0.97]
+    assert scores.yaxis == "y2" and tuple(fig.layout.yaxis2.range) == (0, 1.02)  # fixed: no jumping on refresh
+    assert fig.layout.yaxis2.overlaying == "y" and "task score" in fig.layout.title.text
+    assert trace(fig, "eval loss").yaxis in (None, "y")  # losses stay on the left axis
+    assert scores.line.color != trace(fig, "train loss (EMA)").line.color  # one run: a colour per quantity
+
+    without = loss_figure(training_events(40))
+    assert "yaxis2" not in without.to_plotly_json()["layout"] and without.layout.title.text == "Loss"
+    only_scores = loss_figure(task_events([0.1]))  # the base's score arrives before any loss line
+    assert [t.name for t in only_scores.data] == ["json_equal (right axis)"]
+
+
+def test_task_scores_overlay_per_run_in_the_run_colour():
+    fig = loss_figure({"a": training_events(20) + task_events([0.0, 0.5, 0.9]),
+                       "b": training_events(20, seed=2) + task_events([0.0, 0.2], metric="exact_match")})
+    assert trace(fig, "a · json_equal (right axis)").line.color == trace(fig, "a · train loss (EMA)").line.color
+    assert trace(fig, "b · exact_match (right axis)").line.color == trace(fig, "b · train loss (EMA)").line.color
+    many = loss_figure(training_events(50) + task_events([i / 2000 for i in range(2000)], every=1))
+    assert len(trace(many, "json_equal (right axis)").x) <= MAX_POINTS  # bounded payload
+
+
 @pytest.mark.parametrize("build", [loss_figure, lr_gradnorm_figure, throughput_figure])
 @pytest.mark.parametrize("metrics", [[], None, [{"event": "log", "step": 1}], {"empty-run": []}])
 def test_no_metrics_gives_a_readable_empty_figure(build, metrics):

@@ -67,6 +67,9 @@ def test_queue_stop_resume(manager):
     assert steps == sorted(steps), "no step is trained twice after resume"
     assert steps[-1] == 24 and any(s > stopped_at for s in steps)
     assert f"resuming from checkpoint-{stopped_at}" in rundir.RunPaths(first).log.read_text()
+    # The task metric (the demo preset's json_equal) keeps being measured after the resume.
+    task_steps = [m["step"] for m in rundir.read_metrics(first) if m["event"] == "task_eval"]
+    assert task_steps[0] == 0 and task_steps[-1] == 24 and 12 in task_steps
 
 
 def test_kill_9_is_reported_and_the_manager_survives(manager):

@@ -11,6 +11,7 @@ Metric events (one per line of metrics.jsonl; any key may be missing)::
 
     {"event": "log"|"eval", "step", "epoch", "loss", "eval_loss", "learning_rate",
      "grad_norm", "tokens_per_second", "elapsed_s", "eta_s", "t"}
+    {"event": "task_eval", "step", "metric", "score", "n", "valid_json", "seconds", "t"}
 
 Memory samples: the format documented in ``engine.training.sampler``.
 """
@@ -150,13 +151,15 @@ def loss_figure(
     smoothing: float = DEFAULT_SMOOTHING,
     uirevision: str = "loss",
 ) -> go.Figure:
-    """Train loss (faint raw line plus its EMA) and eval loss markers on the same axes.
+    """Train loss (faint raw line plus its EMA) and eval loss markers on the same axes, and the
+    task metric's score (``task_eval`` events, 0 to 1) on a right-hand axis.
 
     ``metrics`` is one run's events, or ``{run_name: events}``; ``runs`` adds more runs
     to overlay for comparison (each run keeps one colour for all its traces).
     """
     fig = go.Figure()
-    for i, (run, events) in enumerate(_as_runs(metrics, runs).items()):
+    all_runs = _as_runs(metrics, runs)
+    for i, (run, events) in enumerate(all_runs.items()):
         colour = _COLOURS[i % len(_COLOURS)]
         steps, losses = _series(events, "loss", when=lambda e: e.get("event") != "eval")
         if steps:
@@ -199,11 +202,36 @@ def loss_figure(
                     line={"dash": "dot"},
                 )
             )
-    if not fig.data:
+    task_traces = _task_score_traces(all_runs)
+    if not fig.data and not task_traces:
         return empty_figure("No metrics yet", uirevision)
+    fig.add_traces(task_traces)
     fig.update_xaxes(title="step")
     fig.update_yaxes(title="loss")
-    return _finish(fig, uirevision, "Loss")
+    if task_traces:
+        # Scores live in [0, 1] whatever the loss scale: their own axis on the right, fixed so it never jumps.
+        fig.update_layout(yaxis2={"title": "task score", "overlaying": "y", "side": "right", "range": [0, 1.02],
+                                  "showgrid": False, "tickformat": ".0%"})
+    return _finish(fig, uirevision, "Loss and task score" if task_traces else "Loss")
+
+
+def _task_score_traces(all_runs: Mapping[str, Metrics]) -> list[go.Scatter]:
+    """Each run's task metric (``task_eval`` events) against step, for the right-hand axis.
+
+    One run: its own colour, so it reads apart from the loss lines. Several: the run's colour,
+    squares instead of diamonds. The metric's name is in the legend.
+    """
+    traces = []
+    for i, (run, events) in enumerate(all_runs.items()):
+        evals = [e for e in events if e.get("event") == "task_eval"]
+        steps, scores = _series(evals, "score")
+        if not steps:
+            continue
+        metric = evals[-1].get("metric") or "task score"
+        colour = _COLOURS[2] if len(all_runs) == 1 else _COLOURS[i % len(_COLOURS)]
+        traces.append(_line(steps, scores, _label(run, f"{metric} (right axis)"), colour, run, yaxis="y2",
+                            mode="lines+markers", marker={"symbol": "square", "size": 8}, line={"width": 2}))
+    return traces
 
 
 def lr_gradnorm_figure(

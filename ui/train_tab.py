@@ -38,6 +38,7 @@ FORM_GROUPS: dict[str, list[str]] = {
                  "train.max_steps", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
                  "train.max_length", "train.packing", "train.gradient_checkpointing", "train.bf16",
                  "train.eval_steps", "train.seed"],
+    "Task metric": ["eval.metric", "eval.num_samples", "eval.max_new_tokens", "eval.schema_path", "eval.pattern"],
 }
 FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
 
@@ -169,6 +170,7 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     state = status.get("state", "unknown")
     evals = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None and m.get("step", 0) > 0]
     baseline = status.get("baseline_eval_loss")
+    task = [m for m in metrics if m.get("event") == "task_eval" and m.get("score") is not None]
     step, total = int(status.get("step") or 0), status.get("max_steps") or 0
     percent = 100 * step / total if total else 0
     elapsed = (status.get("ended_at") or time.time()) - status["started_at"] if status.get("started_at") else None
@@ -181,7 +183,10 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
         f"<div style='background:#2563eb;width:{percent:.1f}%;height:14px;border-radius:4px'></div></div>",
         f"<div>step <b>{step}</b> / {total or '?'} · elapsed {format_duration(elapsed)} · ETA {format_duration(eta)}"
         + (f" · base eval loss {baseline:.4f}" if baseline else "")
-        + (f" · eval loss {evals[-1]:.4f}" if evals else "") + "</div>",
+        + (f" · eval loss {evals[-1]:.4f}" if evals else "")
+        + (f" · {html.escape(str(task[-1].get('metric')))} {task[-1]['score']:.3f}"
+           + (f" (base {task[0]['score']:.3f})" if task[0].get("step") == 0 and len(task) > 1 else "")
+           if task else "") + "</div>",
     ]
     for sentence in status.get("fallbacks", []):
         parts.append(f"<div>• {html.escape(sentence)}</div>")
@@ -205,8 +210,8 @@ def runs_table(ctx: AppContext) -> list[list]:
     return rows
 
 
-RUN_COLUMNS = ["name", "method", "base model", "status", "steps", "train loss", "eval loss", "peak memory (MiB)",
-               "duration (s)", "created", "win rate"]
+RUN_COLUMNS = ["name", "method", "base model", "status", "steps", "train loss", "eval loss", "task score",
+               "peak memory (MiB)", "duration (s)", "created", "win rate"]
 
 
 def win_rate_cell(run_dir: Path) -> str:
@@ -367,7 +372,7 @@ def build(ctx: AppContext) -> None:
             form_errors = gr.Markdown(elem_id="loralab-form-errors")
             components = {}
             for group, names in FORM_GROUPS.items():
-                with gr.Accordion(group, open=group != "Training"):
+                with gr.Accordion(group, open=group not in ("Training", "Task metric")):
                     for name in names:
                         components[name] = component_for(name, initial.get(name))
                     if group == "Model and data":

@@ -9,7 +9,7 @@ from engine.chat.models import (
     clean_messages,
     with_system_prompt,
 )
-from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines, token_f1
+from engine.chat.prompts import PromptItem, held_out_prompts, prompts_from_file, prompts_from_lines
 from engine.chat.ratings import BASE, FINETUNED, BlindSession, RatingView, format_win_rate_cell, win_rate
 from engine.chat.sources import (
     LATEST,
@@ -19,6 +19,7 @@ from engine.chat.sources import (
     source_for_folder,
     source_for_run,
 )
+from engine.evals.metrics import token_f1  # the score the Chat tab shows; owned by engine.evals
 
 __all__ = [
     "BASE", "FINETUNED", "LATEST", "SIDES", "AdapterSource", "BlindSession", "ChatModels", "Comparison", "PromptItem",

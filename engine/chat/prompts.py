@@ -9,46 +9,14 @@ bare prompts, which that loader rightly refuses for training, are read here.
 from __future__ import annotations
 
 import json
-import re
-from dataclasses import dataclass
 from pathlib import Path
 
 from engine.errors import DataError, LoraLabError
+from engine.evals.prompts import PromptItem, prompts_from_rows
 
 PLAIN_TEXT_SUFFIXES = {".txt", ".md", ".text", ""}
 PROMPT_KEYS = ("prompt", "question", "instruction", "input", "text")
 REFERENCE_KEYS = ("completion", "answer", "reference", "output", "response")
-
-
-@dataclass
-class PromptItem:
-    """One prompt: the messages to send (system and earlier turns included), and the reference answer."""
-
-    messages: list[dict]
-    reference: str | None = None
-
-    @property
-    def text(self) -> str:
-        """The last user turn: what the person sees as "the prompt"."""
-        users = [m["content"] for m in self.messages if m.get("role") == "user"]
-        return users[-1] if users else ""
-
-
-def prompts_from_rows(rows: list[dict]) -> list[PromptItem]:
-    """Cut each ``{"messages": ...}`` row before its last assistant turn; that turn is the reference."""
-    items = []
-    for row in rows:
-        messages = row.get("messages")
-        if not messages:
-            continue  # plain-text rows have no prompt to answer
-        last_answer = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-        if last_answer is None:
-            prompt, reference = list(messages), None
-        else:
-            prompt, reference = list(messages[:last_answer]), messages[last_answer]["content"]
-        if any(m["role"] == "user" for m in prompt):
-            items.append(PromptItem([dict(role=m["role"], content=m["content"]) for m in prompt], reference))
-    return items
 
 
 def prompts_from_lines(text: str) -> list[PromptItem]:
@@ -159,31 +127,3 @@ def held_out_prompts(run_dir: str | Path) -> list[PromptItem]:
         raise DataError(f"The held-out rows of run '{Path(run_dir).name}' are plain text: there is no prompt "
                         "to answer.")
     return items
-
-
-# ----------------------------------------------------------------------------- scoring
-_TOKEN = re.compile(r"\w+|[^\w\s]", re.UNICODE)
-
-
-def answer_tokens(text: str) -> list[str]:
-    """Lower-cased words and single punctuation marks: '{"size": "big"}' -> { " size " : " big " }."""
-    return _TOKEN.findall((text or "").lower())
-
-
-def token_f1(prediction: str, reference: str) -> float:
-    """Token-overlap F1 (SQuAD style) between an answer and the reference, in [0, 1].
-
-    Punctuation marks count as tokens, unlike SQuAD: for structured answers (JSON, lists,
-    code) the shape is part of being right, and a word-only score would call a sentence
-    that merely repeats the prompt's words as close as a well-formed answer.
-    """
-    from collections import Counter
-
-    predicted, expected = answer_tokens(prediction), answer_tokens(reference)
-    if not predicted or not expected:
-        return float(predicted == expected)
-    common = sum((Counter(predicted) & Counter(expected)).values())
-    if common == 0:
-        return 0.0
-    precision, recall = common / len(predicted), common / len(expected)
-    return 2 * precision * recall / (precision + recall)

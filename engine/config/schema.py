@@ -29,6 +29,7 @@ import yaml
 from engine.config.choices import optimizer_names, scheduler_names
 from engine.data.formats import FORMAT_CHOICES
 from engine.errors import ConfigError
+from engine.evals.metrics import METRICS, metric_choices, option_problems
 from engine.names import name_problem
 
 METHODS = ("lora", "qlora", "lora8bit", "dora", "rslora", "full")
@@ -246,8 +247,26 @@ class TrainSection:
                               "The Memory tab's measured comparison sets it.", "Memory probe")
 
 
+@dataclass
+class EvalSection:
+    """Task metrics: at every evaluation, greedy answers to a fixed subset of held-out prompts, scored."""
+
+    metric: str = spec("none", "Score greedy answers to held-out prompts at every evaluation (and the base before "
+                       f"step 0): {', '.join(METRICS)}; none keeps eval loss only.", "Task metric",
+                       choices_from=metric_choices)
+    num_samples: int = spec(32, "How many held-out prompts to answer at each evaluation (the first N, the same "
+                            "every time); generation costs time, so keep it small.", "Prompts scored",
+                            rule="must be a positive integer", ge=1, le=100_000)
+    max_new_tokens: int = spec(128, "Longest answer generated for scoring, in tokens.", "Answer tokens",
+                               rule="must be a positive integer", ge=1, le=32_768)
+    schema_path: str | None = spec(None, "JSON Schema file the json_schema metric validates answers against.",
+                                   "JSON Schema file", kind="str", optional=True)
+    pattern: str | None = spec(None, "Regular expression the regex metric looks for in each answer.",
+                               "Regex pattern", kind="str", optional=True)
+
+
 SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraSection, "quant": QuantSection,
-            "train": TrainSection}
+            "train": TrainSection, "eval": EvalSection}
 
 
 @dataclass
@@ -260,6 +279,7 @@ class RunConfig:
     lora: LoraSection = field(default_factory=LoraSection)
     quant: QuantSection = field(default_factory=QuantSection)
     train: TrainSection = field(default_factory=TrainSection)
+    eval: EvalSection = field(default_factory=EvalSection)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -414,6 +434,12 @@ class RunConfig:
 
             check(importlib.util.find_spec("bitsandbytes") is not None, "quant.load_in_4bit",
                   "4-bit and 8-bit loading require the bitsandbytes package: pip install bitsandbytes.")
+        if self.eval.metric != "none":
+            held_out = bool(data.eval_path) or (_is_num(data.eval_fraction) and data.eval_fraction > 0)
+            check(held_out, "eval.metric",
+                  "a task metric scores answers to held-out prompts: set data.eval_path or a data.eval_fraction "
+                  "above 0, or set eval.metric to none.")
+            found += option_problems(self.eval.metric, self.eval.schema_path, self.eval.pattern)
         if self.name is not None:
             problem = name_problem(self.name)
             check(problem is None, "name", f"{problem}, got {self.name!r}.")

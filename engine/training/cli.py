@@ -45,6 +45,9 @@ def follow(run_dir: Path, process=None) -> str:
             for record in records:
                 if record.get("event") == "eval":
                     bar.write(f"step {record['step']}: eval_loss {record['eval_loss']:.4f}")
+                elif record.get("event") == "task_eval":
+                    bar.write(f"step {record['step']}: {record['metric']} {record['score']:.3f} on {record['n']} "
+                              f"held-out prompts ({record['seconds']:.1f} s)")
                 elif record.get("loss") is not None:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=record.get("tokens_per_second"))
             if status.step != bar.n:
@@ -181,4 +184,30 @@ def show_main(argv: list[str]) -> int:
     print(json.dumps({k: v for k, v in status.items() if k != "history"}, indent=2, default=str))
     print("--- train.log (tail)")
     print(rundir.log_tail(run_dir, args.log_lines))
+    return 0
+
+
+def evaluate_main(argv: list[str]) -> int:
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m engine evaluate",
+        description="Score a run's adapter and its base on the held-out prompts with a task metric (greedy answers).")
+    parser.add_argument("run")
+    parser.add_argument("--metric", help="a metric name (default: the run's eval.metric, else exact_match)")
+    parser.add_argument("--limit", type=int, help="score only the first N held-out prompts (default: all)")
+    parser.add_argument("--checkpoint", default="adapter", help="checkpoint-N instead of the final adapter")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON (with a few answers)")
+    _runs_dir_arg(parser)
+    args = parser.parse_args(argv)
+    from engine.training.task_eval import evaluate_run
+
+    try:
+        run_dir = rundir.resolve_run(args.runs_dir, args.run)
+        result = evaluate_run(run_dir, metric=args.metric, limit=args.limit, adapter=args.checkpoint,
+                              log=(lambda *_: None) if args.json else print)
+    except LoraLabError as error:
+        return _fail(error)
+    if args.json:
+        print(json.dumps(result, indent=2))
     return 0

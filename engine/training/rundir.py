@@ -151,6 +151,9 @@ class RunStatus:
     linear4bit_layers: int | None = None
     train_runtime_s: float | None = None
     tokens_seen: int | None = None
+    task_metric: str | None = None  # engine.training.task_eval: the metric, its latest and its step-0 score
+    task_score: float | None = None
+    baseline_task_score: float | None = None
     # launch facts (the launcher's)
     created_at: float | None = None
     worker_started_at: float | None = None
@@ -182,7 +185,8 @@ class RunStatus:
 SHARED_FIELDS = ("state", "message", "error", "pid")
 WORKER_FIELDS = SHARED_FIELDS + ("step", "max_steps", "eta_s", "fallbacks", "baseline_eval_loss",
                                  "trainable_parameters", "total_parameters", "linear4bit_layers",
-                                 "train_runtime_s", "tokens_seen")
+                                 "train_runtime_s", "tokens_seen", "task_metric", "task_score",
+                                 "baseline_task_score")
 LAUNCHER_FIELDS = SHARED_FIELDS + ("created_at", "worker_started_at", "queue_position")
 _BOOKKEEPING = ("history", "seq", "state_seq", "updated_at", "started_at", "ended_at")
 
@@ -404,6 +408,8 @@ class RunSummary:
     error: str | None = None
     fallbacks: list = field(default_factory=list)
     has_adapter: bool = False
+    task_metric: str | None = None  # the latest task_eval event of metrics.jsonl (engine.training.task_eval)
+    task_score: float | None = None
 
     def as_row(self) -> dict:
         return {
@@ -414,6 +420,7 @@ class RunSummary:
             "steps": f"{self.step}/{self.max_steps}" if self.max_steps else str(self.step),
             "train loss": None if self.train_loss is None else round(self.train_loss, 4),
             "eval loss": None if self.eval_loss is None else round(self.eval_loss, 4),
+            "task score": None if self.task_score is None else f"{self.task_metric} {self.task_score:.3f}",
             "peak memory (MiB)": None if self.peak_memory_bytes is None else round(self.peak_memory_bytes / 2**20),
             "duration (s)": None if self.duration_s is None else round(self.duration_s),
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created_at)) if self.created_at else "",
@@ -469,12 +476,15 @@ def _file_facts(run_dir: Path) -> dict:
     metrics = read_metrics(run_dir)
     train_losses = [m["loss"] for m in metrics if m.get("loss") is not None]
     eval_losses = [m["eval_loss"] for m in metrics if m.get("eval_loss") is not None and m.get("step", 0) > 0]
+    task_evals = [m for m in metrics if m.get("event") == "task_eval" and m.get("score") is not None]
     peak, source = peak_memory(read_gpu_samples(run_dir))
     method = _method_of(config)
     return {"method": method, "base_model": (config.get("model") or {}).get("name_or_path", "?"),
             "train_loss": train_losses[-1] if train_losses else None,
             "eval_loss": eval_losses[-1] if eval_losses else None,
-            "peak_memory_bytes": peak, "memory_source": source}
+            "peak_memory_bytes": peak, "memory_source": source,
+            "task_metric": task_evals[-1].get("metric") if task_evals else None,
+            "task_score": task_evals[-1]["score"] if task_evals else None}
 
 
 _facts_cache: dict[Path, tuple[tuple, dict]] = {}

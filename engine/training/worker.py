@@ -26,6 +26,7 @@ from engine.errors import LoraLabError
 from engine.hub import resolve_model
 from engine.training.rundir import RunPaths, add_fallback, update_status
 from engine.training.sampler import GpuSampler
+from engine.training.task_eval import make_task_eval_callback, plan_task_eval
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
@@ -235,6 +236,10 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
     train_dataset, eval_dataset, data_lineage = build_datasets(config)
+    # Task metric: checked here (references, schema, pattern), before the model loads, so bad input fails in words.
+    task_eval = plan_task_eval(config, eval_dataset)
+    for note in task_eval.notes if task_eval else []:
+        log(f"task eval: {note}")
     write_lineage(paths, config, model_path, data_lineage)
     log(f"data: {len(train_dataset)} train rows, {len(eval_dataset) if eval_dataset else 0} eval rows")
 
@@ -260,9 +265,11 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
                          resuming=checkpoint is not None)
     update_status(run_dir, message="Tokenizing the dataset.")
     callback = make_callback(run_dir)
+    # The task evaluation runs before the run-directory callback's on_evaluate puts the state back to "training".
+    callbacks = ([make_task_eval_callback(run_dir, task_eval, log)] if task_eval else []) + [callback]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=to_lora_config(config),
-                         callbacks=[callback] + ([probe] if probe else []))
+                         callbacks=callbacks + ([probe] if probe else []))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
