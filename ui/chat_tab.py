@@ -96,8 +96,9 @@ def load_adapter(ctx: AppContext, run_name, which, folder):
     """Load the chosen run's adapter (or the adapter folder, when one is typed); returns the state in words."""
     models = chat_models(ctx)
     try:
-        target = (folder or "").strip() or (run_name or "")
-        source = resolve_adapter(ctx.runs_dir, target, which or LATEST)
+        folder = (folder or "").strip()
+        # The folder box takes any adapter folder; the run box a run name inside the runs folder only.
+        source = resolve_adapter(ctx.runs_dir, folder or (run_name or ""), which or LATEST, allow_path=bool(folder))
         text = _markdown_lines(models.load(source))
         rate = describe_win_rate(*win_rate(source.ratings_dir))
         return text, rate
