@@ -12,6 +12,9 @@ Metric events (one per line of metrics.jsonl; any key may be missing)::
     {"event": "log"|"eval", "step", "epoch", "loss", "eval_loss", "learning_rate",
      "grad_norm", "tokens_per_second", "elapsed_s", "eta_s", "t"}
 
+A ``{"event": "resume", "step": S}`` event marks a resume: earlier events above step S were
+rolled back and are not drawn.
+
 Memory samples: the format documented in ``engine.training.sampler``.
 """
 
@@ -23,6 +26,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+
+from engine.training.rundir import current_records
 
 MAX_POINTS = 500
 DEFAULT_SMOOTHING = 0.9
@@ -109,13 +114,17 @@ def _is_number(value: Any) -> bool:
 def _as_runs(
     metrics: Metrics | Mapping[str, Metrics] | None, runs: Mapping[str, Metrics] | None
 ) -> dict[str, Metrics]:
-    """One run (a list) or several (``{name: list}``), plus ``runs`` to compare against."""
+    """One run (a list) or several (``{name: list}``), plus ``runs`` to compare against.
+
+    Steps rolled back by a resume are dropped (``rundir.current_records``), so a line never
+    runs backwards, wherever the events came from.
+    """
     if isinstance(metrics, Mapping):
         combined = dict(metrics)
     else:
         combined = {"": metrics or []}
     combined.update(runs or {})
-    return combined
+    return {name: current_records([e for e in events if isinstance(e, Mapping)]) for name, events in combined.items()}
 
 
 def _series(events: Iterable[Mapping[str, Any]], key: str, when=None) -> tuple[list, list]:

@@ -893,9 +893,9 @@ def current_records(records: list[dict]) -> list[dict]:
     earlier record above step S is gone (those steps were trained again), so steps never run backwards."""
     kept: list[dict] = []
     for record in records:
-        if is_resume(record):
-            step = record.get("step", 0)
-            while kept and kept[-1].get("step", 0) > step:
+        step = record.get("step")
+        if is_resume(record) and _is_number(step):
+            while kept and _is_number(kept[-1].get("step")) and kept[-1]["step"] > step:
                 kept.pop()
         kept.append(record)
     return kept
