@@ -207,9 +207,10 @@ STATE_WORDS = {
 
 
 def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | None = None,
-                status: dict | None = None) -> str:
+                status: dict | None = None, notes: list[str] | None = None) -> str:
     """Status line, progress bar and notes; ``metrics`` (already read by a RunWatcher) and ``status``
-    (already read this tick) avoid re-reading files."""
+    (already read this tick) avoid re-reading files; ``notes``: what is damaged in the folder (default: the
+    status files' own notes)."""
     if run_dir is None:
         return "<div class='loralab-status'>No runs yet. Pick a preset and press <b>Start</b>.</div>"
     if status is None:
@@ -236,7 +237,8 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     ]
     for sentence in status.get("fallbacks", []):
         parts.append(f"<div>• {html.escape(sentence)}</div>")
-    for note in status.get("notes", []):  # a damaged entry in the run folder, said instead of failing
+    notes = status.get("notes", []) if notes is None else notes
+    for note in notes:  # a damaged entry in the run folder, said instead of failing
         parts.append(f"<div class='loralab-error'>⚠ {html.escape(note)}</div>")
     if status.get("error"):
         parts.append(f"<div class='loralab-error' id='loralab-error'><b>Why it failed:</b> "
@@ -259,7 +261,7 @@ def runs_table(ctx: AppContext) -> list[list]:
 
 
 RUN_COLUMNS = ["name", "method", "base model", "status", "steps", "train loss", "eval loss", "peak memory (MiB)",
-               "duration (s)", "created", "win rate"]
+               "duration (s)", "created", "note", "win rate"]  # note: what is damaged in the folder, if anything
 
 
 def win_rate_cell(run_dir: Path) -> str:
@@ -345,6 +347,12 @@ def on_resume(ctx: AppContext, choice: str | None) -> str:
 
 def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str):
     """Status every tick; charts only when the run or its files changed (bounded payloads, built once for all viewers)."""
+    if choice and choice != WATCH_LATEST:
+        try:
+            rundir.resolve_run(ctx.runs_dir, choice)
+        except LoraLabError as error:  # not a run name, gone, or unreadable: say which, in words
+            return (f"<div class='loralab-error' id='loralab-error'>{html.escape(str(error))}</div>", gr.skip(),
+                    gr.skip(), gr.skip(), gr.skip(), gr.skip(), last_key)
     run_dir = resolve_watched(ctx, choice)
     if run_dir is None:
         samples = ctx.sampler.recent(300) if ctx.sampler else []
@@ -354,7 +362,8 @@ def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str
     metrics, samples, (metrics_version, samples_version) = watcher.metrics, watcher.gpu_samples, watcher.version
     key = f"{run_dir.name}:{metrics_version}:{samples_version}"
     status = rundir.read_status(run_dir)
-    status_text = status_html(run_dir, ctx, metrics, status)
+    # Damage anywhere in the folder (config, metrics, samples), from the runs table's cached facts.
+    status_text = status_html(run_dir, ctx, metrics, status, rundir.cached_summary(run_dir).notes)
     active = status.get("state") in rundir.ACTIVE_STATES
     # A finished run without samples of its own shows the live device memory instead.
     live = not samples and not active and ctx.sampler is not None

@@ -323,13 +323,16 @@ class JobManager:
         A run whose files say it is active but whose worker is gone is recorded as
         interrupted; a live one (started by a CLI or another dashboard) is adopted if this
         manager has no job; queued runs are queued again. A folder that cannot be read or
-        written is left as its row in the runs table describes it.
+        written, or whose status files are damaged, is left as its row in the runs table
+        describes it: never restarted on a guess.
         """
         queued = []
         for summary in rundir.list_runs(self.runs_dir):
             try:
                 status = rundir.read_run_status(summary.path)
             except OSError:
+                continue
+            if status.notes:  # damaged status files: never started again on a guess (it may have completed)
                 continue
             if status.recorded_state is not None:
                 self._record(f"that run '{summary.name}' was interrupted",
