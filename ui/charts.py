@@ -94,11 +94,30 @@ def empty_figure(message: str = "No metrics yet", uirevision: str = "empty") -> 
     return _finish(fig, uirevision)
 
 
+def _light_template() -> go.layout.Template:
+    """plotly_white's layout alone (colours, grid, fonts), without its defaults for every trace type.
+
+    Every figure carries its template, and plotly validates and copies it on each build: the full
+    plotly_white made a third of the cost of a chart rebuilt for every new metrics line, and 7 KB of
+    every payload sent to every viewer. The charts here only draw scatter lines on 2-D axes, which
+    look the same with the layout part alone.
+    """
+    import plotly.io as pio
+
+    return go.layout.Template(layout=pio.templates["plotly_white"].layout)
+
+
+_TEMPLATE = None
+
+
 def _finish(fig: go.Figure, uirevision: str, title: str | None = None) -> go.Figure:
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        _TEMPLATE = _light_template()
     fig.update_layout(
         title=title,
         uirevision=uirevision,
-        template="plotly_white",
+        template=_TEMPLATE,
         hovermode="x unified",
         margin={"l": 60, "r": 60, "t": 50 if title else 20, "b": 40},
         # Below the plot: a legend that wraps onto a second line must not cover the title.

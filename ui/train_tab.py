@@ -112,11 +112,16 @@ class Monitor:
     Five viewers of one run used to parse, build and serialise the same four Plotly figures
     five times per change, on the cores the training run needs. Here each figure is built
     and serialised once per change of what it shows (metrics or memory samples) and handed
-    to every viewer as the same ``PlotData``; the runs table and the log tail are shared the
-    same way. Thread-safe: Gradio calls the tick from many threads at once.
+    to every viewer as the same ``PlotData``; the runs table is shared the same way. A
+    background thread watches the runs viewers looked at in the last ``PREFETCH_FOR_S`` and
+    builds the new figures as soon as a metrics line lands, so the build overlaps the viewers'
+    wait for their next tick instead of adding to it. Thread-safe: Gradio calls the tick from
+    many threads at once.
     """
 
     RUNS_TABLE_TTL_S = 2.0
+    PREFETCH_EVERY_S = 0.1
+    PREFETCH_FOR_S = 10.0
 
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
@@ -126,6 +131,8 @@ class Monitor:
         self._figures: dict[tuple, PlotData] = {}  # (run, chart, version) -> serialised figure
         self._building: dict[tuple, threading.Lock] = {}
         self._table: tuple[float, list] | None = None
+        self._viewed: dict[Path, float] = {}  # run -> when a viewer last asked for it
+        self._prefetcher: threading.Thread | None = None
 
     def watcher(self, run_dir: Path) -> rundir.RunWatcher:
         with self._lock:
@@ -135,7 +142,32 @@ class Monitor:
         watcher.refresh()  # thread-safe: concurrent viewers read each appended byte once
         return watcher
 
-    def figure(self, run_dir: Path, chart: str, version, build) -> PlotData:
+    def viewed(self, run_dir: Path) -> rundir.RunWatcher:
+        """A viewer's tick: the run's watcher, refreshed, and the run kept warm by the prefetcher."""
+        with self._lock:
+            self._viewed[run_dir] = time.monotonic()
+            if self._prefetcher is None:
+                self._prefetcher = threading.Thread(target=self._prefetch, name="loralab-charts", daemon=True)
+                self._prefetcher.start()
+        return self.watcher(run_dir)
+
+    def _prefetch(self) -> None:
+        while True:
+            time.sleep(self.PREFETCH_EVERY_S)
+            with self._lock:
+                now = time.monotonic()
+                recent = [run for run, when in self._viewed.items() if now - when < self.PREFETCH_FOR_S]
+            for run_dir in recent:
+                try:
+                    metrics, samples, metrics_version, samples_version = self.watcher(run_dir).snapshot()
+                    if metrics:
+                        self.metric_figures(run_dir, metrics, metrics_version)
+                    if samples:
+                        self.memory_figure(run_dir, samples, samples_version)
+                except Exception:  # noqa: BLE001 - a figure that cannot be built now is built (and said) by the tick
+                    continue
+
+    def figure(self, run_dir: Path, chart: str, version: int, build) -> PlotData:
         """``build()`` serialised once per (run, chart, version); every other viewer gets the same object."""
         key = (run_dir, chart, version)
         with self._lock:
@@ -149,11 +181,26 @@ class Monitor:
             if found is None:
                 found = PlotData(type="plotly", plot=build().to_json())
                 with self._lock:
-                    for old in [k for k in self._figures if k[:2] == key[:2]]:
+                    for old in [k for k in self._figures if k[:2] == key[:2] and k[2] < version]:
                         del self._figures[old]  # an older version of this chart
                     self._figures[key] = found
                     self._building.pop(key, None)
         return found
+
+    def metric_figures(self, run_dir: Path, metrics: list[dict], version: int) -> tuple[PlotData, ...]:
+        """Loss, learning rate and gradient norm, throughput: built once per metrics version."""
+        revision = run_dir.name
+        return (
+            self.figure(run_dir, "loss", version, lambda: charts.loss_figure(metrics, uirevision=f"loss-{revision}")),
+            self.figure(run_dir, "lr", version,
+                        lambda: charts.lr_gradnorm_figure(metrics, uirevision=f"lr-{revision}")),
+            self.figure(run_dir, "speed", version,
+                        lambda: charts.throughput_figure(metrics, uirevision=f"speed-{revision}")),
+        )
+
+    def memory_figure(self, run_dir: Path, samples: list[dict], version: int) -> PlotData:
+        return self.figure(run_dir, "memory", version, lambda: charts.memory_figure(
+            samples, predicted_peak_bytes=self.predicted_peak(run_dir), uirevision=f"memory-{run_dir.name}"))
 
     def runs_table(self) -> list[list]:
         """The runs table, listed at most once per ``RUNS_TABLE_TTL_S`` however many viewers poll it."""
@@ -358,8 +405,7 @@ def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str
         samples = ctx.sampler.recent(300) if ctx.sampler else []
         return (status_html(None, ctx), gr.skip(), charts.memory_figure(samples), gr.skip(), gr.skip(),
                 gr.skip(), last_key)
-    watcher = monitor.watcher(run_dir)
-    metrics, samples, (metrics_version, samples_version) = watcher.metrics, watcher.gpu_samples, watcher.version
+    metrics, samples, metrics_version, samples_version = monitor.viewed(run_dir).snapshot()
     key = f"{run_dir.name}:{metrics_version}:{samples_version}"
     status = rundir.read_status(run_dir)
     # Damage anywhere in the folder (config, metrics, samples), from the runs table's cached facts.
@@ -376,27 +422,17 @@ def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str
     seen_run, _, seen = (last_key or "").partition(":")
     seen_metrics, _, seen_samples = seen.partition(":") if seen_run == run_dir.name else ("", "", "")
     metrics_new, samples_new = seen_metrics != str(metrics_version), seen_samples != str(samples_version)
-    revision = run_dir.name
-    figure = partial(monitor.figure, run_dir)
     if live:
         memory = charts.memory_figure(samples, predicted_peak_bytes=monitor.predicted_peak(run_dir),
-                                      uirevision=f"memory-{revision}")
+                                      uirevision=f"memory-{run_dir.name}")
     elif samples_new:
-        memory = figure("memory", samples_version, lambda: charts.memory_figure(
-            samples, predicted_peak_bytes=monitor.predicted_peak(run_dir), uirevision=f"memory-{revision}"))
+        memory = monitor.memory_figure(run_dir, samples, samples_version)
     else:
         memory = gr.skip()
     if not metrics_new:
         return status_text, gr.skip(), memory, gr.skip(), gr.skip(), gr.skip(), key
-    return (
-        status_text,
-        figure("loss", metrics_version, lambda: charts.loss_figure(metrics, uirevision=f"loss-{revision}")),
-        memory,
-        figure("lr", metrics_version, lambda: charts.lr_gradnorm_figure(metrics, uirevision=f"lr-{revision}")),
-        figure("speed", metrics_version, lambda: charts.throughput_figure(metrics, uirevision=f"speed-{revision}")),
-        rundir.log_tail(run_dir, 60),
-        key,
-    )
+    loss, lr, speed = monitor.metric_figures(run_dir, metrics, metrics_version)
+    return status_text, loss, memory, lr, speed, rundir.log_tail(run_dir, 60), key
 
 
 def on_refresh_runs(ctx: AppContext):

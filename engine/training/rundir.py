@@ -1196,6 +1196,11 @@ class RunWatcher:
     def version(self) -> tuple[int, int]:
         return self.metrics_version, self.samples_version
 
+    def snapshot(self) -> tuple[list[dict], list[dict], int, int]:
+        """(metrics, samples, metrics version, samples version), read together: each list matches its version."""
+        with self._lock:
+            return self.metrics, self.gpu_samples, self.metrics_version, self.samples_version
+
     def refresh(self) -> bool:
         """Read what was appended; True when something new arrived."""
         with self._lock:
