@@ -137,7 +137,11 @@ def request_stop(run_dir: Path, force: bool = False, process: subprocess.Popen |
     if force or paths.stop_request.exists():
         kill_worker(run_dir, pid, reason, process)
         return "killed"
-    paths.stop_request.touch()
+    try:
+        rundir.write_despite_full_disk(run_dir, paths.stop_request.touch)
+    except OSError as error:
+        raise RunError(f"Could not ask run '{Path(run_dir).name}' to stop: {run_dir} cannot be written "
+                       f"({error.strerror or error}); stop it by force instead.") from None
     return "requested"
 
 

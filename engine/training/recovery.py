@@ -3,11 +3,12 @@
 ``engine.training.rundir`` says what a reader may believe after a crash; this module is what
 the worker does so that it holds:
 
-* ``CheckpointMarker`` (a ``TrainerCallback``): transformers writes ``checkpoint-N`` in place,
+* ``callback()`` (a ``TrainerCallback``): transformers writes ``checkpoint-N`` in place,
   file by file, so a kill mid-save leaves a folder that looks like a checkpoint and cannot
   be resumed. After transformers has written every file, ``on_save`` flushes them and
   writes ``.complete`` last (``rundir.mark_checkpoint_complete``); only marked folders are
-  offered for resume and chat.
+  offered for resume and chat. A full disk met by the memory sampler's thread fails the run at
+  the end of the step, like any write of the training thread.
 * ``prepare_resume``: picks the newest complete checkpoint, removes folders cut short
   (training repeats those steps anyway), appends the ``resume`` event that tells readers
   which metrics were rolled back, and says all of it in one sentence.
@@ -24,19 +25,38 @@ from pathlib import Path
 from engine.training import rundir
 
 
-def checkpoint_marker():
-    """A TrainerCallback that marks each saved checkpoint complete (imported lazily: transformers)."""
+_PENDING: list[OSError] = []  # a write that failed on another thread (the memory sampler's), raised at the next step
+
+
+def note_write_error(error: OSError) -> None:
+    """For writers off the training thread: a full disk fails the run at the end of the current step."""
+    if rundir.is_disk_full(error) and not _PENDING:
+        _PENDING.append(error)
+
+
+def callback():
+    """The TrainerCallback of crash consistency (imported lazily: transformers).
+
+    ``on_save`` marks each checkpoint complete after transformers wrote it; ``on_step_end``
+    raises a full disk that another thread of the worker ran into, so it fails the run like
+    any other write.
+    """
     from transformers import TrainerCallback
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    class CheckpointMarker(TrainerCallback):
+    class CrashConsistency(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
             if folder.is_dir():
                 rundir.mark_checkpoint_complete(folder)
             return control
 
-    return CheckpointMarker()
+        def on_step_end(self, args, state, control, **kwargs):
+            if _PENDING:
+                raise _PENDING[0]
+            return control
+
+    return CrashConsistency()
 
 
 def checkpoint_step(folder: Path) -> int:

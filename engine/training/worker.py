@@ -263,7 +263,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     callback = make_callback(run_dir)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=to_lora_config(config),
-                         callbacks=[callback, recovery.checkpoint_marker()])
+                         callbacks=[callback, recovery.callback()])
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
@@ -335,7 +335,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_DUPLICATE
     # The run's memory history, recorded from inside the run however it was started;
     # stopped before the process ends, so the last sample is a reading, not "process exited".
-    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir, pid=os.getpid())
+    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir, pid=os.getpid(),
+                         on_write_error=recovery.note_write_error)
     sampler.start()
     try:
         final = run_training(run_dir, resume=args.resume)
