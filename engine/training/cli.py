@@ -58,9 +58,10 @@ def follow(run_dir: Path, process=None) -> str:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=record.get("tokens_per_second"))
             if status.step != bar.n:
                 bar.update(status.step - bar.n)
-            if state != last_state:
-                bar.write(f"[{state}] {status.message}")
-                last_state = state
+            if (state, status.message) != last_state and (state != "training" or last_state is None
+                                                           or last_state[0] != "training"):
+                bar.write(f"[{state}] {status.message}")  # a new state, or news within it (waiting for the device)
+                last_state = (state, status.message)
             if state in rundir.TERMINAL_STATES and (process is None or process.poll() is not None):
                 break
             if process is not None and process.poll() is not None and state not in rundir.TERMINAL_STATES:

@@ -302,8 +302,10 @@ class JobManager:
                     self._record(f"the forced stop of run '{job.run_dir.name}'", lambda: kill_worker(
                         job.run_dir, job.pid, f"Stopped by force: the graceful stop took over "
                                               f"{FORCE_STOP_AFTER_S:.0f} s.", job.process))
+            popped = False
             while self.active is None and self.queue:
                 run_dir, resume = self.queue.popleft()
+                popped = True
                 try:
                     if rundir.worker_alive(run_dir, rundir.read_run_status(run_dir, derive=False).pid):
                         continue  # started meanwhile by another dashboard sharing this runs folder
@@ -313,7 +315,8 @@ class JobManager:
                         run_dir, "failed", message="Not started.", error=str(error), queue_position=None))
                     continue
                 self.active = ActiveJob(run_dir=run_dir, process=process, pid=process.pid)
-            self._record("the queue positions", self._refresh_queue_messages)
+            if popped:
+                self._record("the queue positions", self._refresh_queue_messages)
 
     def _refresh_queue_messages(self) -> None:
         for position, (run_dir, _) in enumerate(self.queue, start=1):

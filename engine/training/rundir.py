@@ -363,9 +363,8 @@ def live_worker_pid(run_dir: Path, recorded_pid: int | None = None) -> int | Non
     return recorded_pid if pid_is_worker_of(run_dir, recorded_pid) else None
 
 
-@contextmanager
-def hold_worker_lock(run_dir: Path, wait_s: float = 5.0):
-    """Held by the worker process for its whole life (the kernel drops it when the process dies).
+def take_worker_lock(run_dir: Path, wait_s: float = 5.0):
+    """The worker's lock on its run, held for as long as the returned file stays open (the process's life).
 
     Readers take the lock shared for an instant to probe it, so a busy probe is retried for
     ``wait_s``; a lock still held after that belongs to another live worker of this run,
@@ -392,6 +391,13 @@ def hold_worker_lock(run_dir: Path, wait_s: float = 5.0):
         handle.flush()
     except OSError:
         pass  # the lock is what matters; its note is a courtesy (a full disk must not stop the worker here)
+    return handle
+
+
+@contextmanager
+def hold_worker_lock(run_dir: Path, wait_s: float = 5.0):
+    """``take_worker_lock`` for a block (tests play a live worker this way)."""
+    handle = take_worker_lock(run_dir, wait_s)
     try:
         yield
     finally:

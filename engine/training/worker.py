@@ -327,9 +327,9 @@ def main(argv: list[str] | None = None) -> int:
     run_dir = args.run_dir.resolve()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Held from the first instant to the last: readers know the worker is gone when they can take it.
+    global _WORKER_LOCK
     try:
-        life = rundir.hold_worker_lock(run_dir)
-        life.__enter__()
+        _WORKER_LOCK = rundir.take_worker_lock(run_dir)
     except LoraLabError as error:
         print(f"[{time.strftime('%H:%M:%S')}] not started: {error}", file=sys.stderr, flush=True)
         return EXIT_DUPLICATE
@@ -366,7 +366,9 @@ def _last_step(run_dir: Path) -> int:
 
 
 # ----------------------------------------------------------------------------- one device, one owner
-_DEVICE_LOCK = None  # held until the process ends (a reference, or the lock would be dropped with the file)
+# Both held until the process ends: a reference each, or the lock would be dropped with its file.
+_WORKER_LOCK = None
+_DEVICE_LOCK = None
 
 
 def take_device(run_dir: Path, runtime: Runtime) -> bool:
