@@ -36,3 +36,7 @@ class ModelNotFoundError(LoraLabError):
 
 class RunError(LoraLabError):
     """A run directory is missing, or an action does not fit the run's state."""
+
+
+class LimitError(LoraLabError):
+    """A request above one of the bounds in ``engine.limits`` (the sentence names the bound and its setting)."""

@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+# Device locks (engine.training.devices) are machine-wide by default; a test session keeps its own, so
+# suites run side by side on a shared machine do not wait for each other's runs. Workers inherit it.
+os.environ.setdefault("LORALAB_LOCK_DIR", tempfile.mkdtemp(prefix="loralab-test-locks-"))
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = PROJECT_ROOT / "tests" / "artifacts"

@@ -79,12 +79,13 @@ def test_base_is_loaded_once_for_both_sides_and_several_adapters(chat_run, monke
 
 
 def test_latest_adapter_of_a_running_run_is_its_newest_checkpoint(chat_run, tmp_path):
-    from engine.training.rundir import update_status
+    from engine.training.rundir import hold_worker_lock, update_status
 
     running = copy_run(chat_run, tmp_path)
-    update_status(running, "training")
     newest = max((p for p in (running / "checkpoints").glob("checkpoint-*")), key=lambda p: int(p.name.split("-")[1]))
-    assert source_for_run(running).path == newest
+    with hold_worker_lock(running):  # this test plays its live worker (a recorded state alone is not life)
+        update_status(running, "training")
+        assert source_for_run(running).path == newest
     assert source_for_run(chat_run).path == chat_run / "adapter"  # completed: the final save
     assert source_for_run(chat_run, newest.name.split("-")[1]).path.name == newest.name
 
@@ -151,9 +152,12 @@ def test_stop_during_the_finetuned_side_ends_it_within_a_second(loaded):
             started = time.monotonic()
     elapsed = time.monotonic() - started
     assert elapsed < 1.0
-    # (Re-tokenizing decoded text only roughly recovers the 300 generated tokens.)
+    # 300 new tokens do not fit the demo model's 256 positions: both sides get what fits (ChatModels.fit).
+    fitted, note = loaded.fit([DEMO_PROMPT], sampling)
+    assert note and fitted.max_new_tokens < 300
+    # (Re-tokenizing decoded text only roughly recovers the generated tokens.)
     base_tokens, tuned_tokens = (len(loaded.tokenizer(text)["input_ids"]) for text in last)
-    assert base_tokens >= 250  # the base side had finished
+    assert base_tokens >= 0.8 * fitted.max_new_tokens  # the base side had finished
     assert 0 < tuned_tokens < 0.8 * base_tokens
     assert loaded.generating == 0 and not generation_threads()
 

@@ -145,14 +145,33 @@ def test_limit_stops_reading_early():
     assert loaded.num_rows == 7 and not loaded.complete
 
 
-def test_a_local_dataset_folder_loads_through_the_datasets_library(tmp_path):
+def test_a_local_dataset_folder_is_read_by_the_same_readers_as_a_file(tmp_path, monkeypatch):
+    """A folder is walked (bounded), only data extensions are read, splits follow the datasets library's
+    file-naming rules, and nothing is copied into the datasets library's cache."""
+    cache = tmp_path / "hf-datasets-cache"
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(cache))
     folder = tmp_path / "dataset"
-    folder.mkdir()
+    (folder / "nested").mkdir(parents=True)
     (folder / "train.csv").write_bytes((DATA / "alpaca.csv").read_bytes())
+    (folder / "nested" / "secret.txt").write_text("root:$6$planted-shadow-line:19000:0:99999:7:::\n")
+    (folder / ".hidden.jsonl").write_text('{"text": "hidden"}\n')
     loaded = load_dataset_rows(str(folder))
-    assert loaded.format == "alpaca" and loaded.num_rows == 3 and loaded.unit == "row"
-    with pytest.raises(DataError, match="split 'validation'"):
+    assert loaded.format == "alpaca" and loaded.num_rows == 3 and loaded.unit == "line"
+    assert loaded.numbers == [2, 4, 5]  # the CSV's own line numbers (row 2 spans two lines)
+    assert "planted-shadow-line" not in repr(loaded.rows) and "hidden" not in repr(loaded.rows)
+    with pytest.raises(DataError, match="no 'validation' split; its files make train"):
         load_dataset_rows(str(folder), split="validation")
+    (folder / "validation.jsonl").write_text('{"text": "held out"}\n')
+    assert load_dataset_rows(str(folder), split="validation").rows == [{"text": "held out"}]
+    assert len(load_dataset_rows(str(folder)).rows) == 3  # train.csv alone
+    assert not cache.exists()  # no Arrow copy outside the project
+    assert len(loaded.sha256) == 64
+
+
+def test_a_folder_with_no_data_files_says_so(tmp_path):
+    (tmp_path / "notes.txt").write_text('{"text": "a .txt is not a data file, even in JSON"}\n')
+    with pytest.raises(DataError, match="holds no data files"):
+        load_dataset_rows(str(tmp_path))
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -282,3 +301,54 @@ def test_preview_of_a_large_jsonl_reads_only_what_it_shows(tmp_path):
     tracemalloc.stop()
     assert loaded.num_rows == 100 and not loaded.complete
     assert peak < 5 * 2**20, f"peak {peak} bytes"
+
+
+# ----------------------------------------------------------------------------- bounds (engine.limits)
+def test_a_line_above_the_row_limit_is_refused_with_its_line_or_skipped(tmp_path, monkeypatch):
+    from engine import limits as limits_module
+    from engine.data import read
+
+    monkeypatch.setattr(read, "limits", lambda: limits_module.Limits(max_row_bytes=1000))
+    path = tmp_path / "big-row.jsonl"
+    path.write_text('{"text": "fine"}\n{"text": "' + "x" * 5000 + '"}\n{"text": "also fine"}\n')
+    with pytest.raises(DataError) as caught:
+        load_dataset_rows(str(path))
+    assert caught.value.line == 2 and "above the 1,000 bytes limit for one row (LORALAB_MAX_ROW_BYTES)" in str(
+        caught.value)
+    loaded = load_dataset_rows(str(path), skip_bad=True)
+    assert [row["text"] for row in loaded.rows] == ["fine", "also fine"] and loaded.skipped == 1
+    csv_path = tmp_path / "big-row.csv"
+    csv_path.write_text("text\nfine\n" + "y" * 5000 + "\nalso fine\n")
+    loaded = load_dataset_rows(str(csv_path), skip_bad=True)
+    assert [row["text"] for row in loaded.rows] == ["fine", "also fine"] and loaded.numbers == [2, 4]
+
+
+def test_a_wide_csv_header_is_checked_in_linear_time(tmp_path):
+    import time as clock
+
+    columns = [f"c{i}" for i in range(100_000)]
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(columns + ["text"]) + "\n" + ",".join(["0"] * 100_000 + ["hello"]) + "\n")
+    started = clock.perf_counter()
+    loaded = load_dataset_rows(str(path))
+    assert loaded.rows == [{"text": "hello"}] and clock.perf_counter() - started < 10
+    path.write_text(",".join(columns + ["c7", "c9"]) + "\n" + ",".join(["0"] * 100_002) + "\n")
+    with pytest.raises(DataError, match="repeats the column name.s. c7, c9"):
+        load_dataset_rows(str(path))
+
+
+def test_a_folder_walk_is_bounded(tmp_path, monkeypatch):
+    from engine import limits as limits_module
+    from engine.data import read
+
+    monkeypatch.setattr(read, "limits", lambda: limits_module.Limits(max_folder_entries=50, max_folder_files=5))
+    for index in range(60):
+        (tmp_path / f"note-{index}.md").write_text("x")
+    with pytest.raises(DataError, match="more than 50 files and folders .LORALAB_MAX_FOLDER_ENTRIES."):
+        load_dataset_rows(str(tmp_path))
+    files = tmp_path / "many"
+    files.mkdir()
+    for index in range(6):
+        (files / f"part-{index}.jsonl").write_text('{"text": "x"}\n')
+    with pytest.raises(DataError, match="more than 5 data files"):
+        load_dataset_rows(str(files))

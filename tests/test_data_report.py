@@ -95,3 +95,13 @@ def test_registry_starts_finds_cancels_and_keeps_a_bounded_number(tmp_path):
     for job_id in kept:
         done = wait_for(jobs.get(job_id), lambda s: s["state"] != "running")
         assert done["state"] == "done" and done["report"].rows == 50
+
+
+def test_a_pass_nobody_polls_any_more_stops_by_itself(tmp_path):
+    """Work stops when the client leaves: the page polls every second, and silence means it is gone."""
+    path = write_rows(tmp_path / "rows.jsonl", 200_000)
+    job = StatsJob(source=str(path), model=None, max_length=64, abandoned_after_s=0.5).start()
+    job.wait(timeout=60)  # nobody polls while it runs
+    assert not job._thread.is_alive()
+    report = job.snapshot()["report"]
+    assert job.state == "cancelled" and not report.complete and report.rows < 200_000

@@ -309,9 +309,10 @@ def test_a_run_without_an_adapter_says_why(tmp_path, state, expected):
 def test_a_run_that_is_training_again_is_not_exported(demo_lora_run, tmp_path):
     copy = tmp_path / "resumed"
     shutil.copytree(demo_lora_run, copy, ignore=shutil.ignore_patterns("checkpoints"))
-    rundir.update_status(copy, "training")
-    with pytest.raises(ExportError, match="is training right now"):
-        export_run(copy, tmp_path / "exports", kind="adapter")
+    with rundir.hold_worker_lock(copy):  # this test plays its live worker
+        rundir.update_status(copy, "training")
+        with pytest.raises(ExportError, match="is training right now"):
+            export_run(copy, tmp_path / "exports", kind="adapter")
 
 
 def test_existing_export_is_not_overwritten_unless_asked(adapter_export, demo_lora_run, exports_dir):

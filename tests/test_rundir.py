@@ -23,7 +23,10 @@ from tests.conftest import PROJECT_ROOT
 
 @pytest.fixture()
 def run_dir(tmp_path) -> Path:
-    return rundir.create_run(tmp_path / "runs", load_preset("demo-lora"), name="r")
+    """A run whose worker these tests play: they hold its worker.lock, so readers see a live worker."""
+    run_dir = rundir.create_run(tmp_path / "runs", load_preset("demo-lora"), name="r")
+    with rundir.hold_worker_lock(run_dir):
+        yield run_dir
 
 
 # ----------------------------------------------------------------------------- creating and naming
@@ -299,11 +302,13 @@ def test_run_watcher_reads_only_what_was_appended(run_dir):
 
 
 # ----------------------------------------------------------------------------- adapters and checkpoints
-def _adapter(folder: Path, weights: bool = True) -> Path:
+def _adapter(folder: Path, weights: bool = True, complete: bool = True) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "adapter_config.json").write_text("{}")
     if weights:
         (folder / "adapter_model.safetensors").write_bytes(b"weights")
+    if complete and folder.name.startswith("checkpoint-"):
+        rundir.mark_checkpoint_complete(folder)
     return folder
 
 
@@ -313,11 +318,13 @@ def test_checkpoints_are_found_by_step_and_adapters_need_their_weights(run_dir):
     assert rundir.latest_adapter(run_dir) is None
     _adapter(folder / "checkpoint-2")
     _adapter(folder / "checkpoint-10")
-    _adapter(folder / "checkpoint-30", weights=False)  # written by a worker killed mid-save
+    _adapter(folder / "checkpoint-30", weights=False)  # complete, but a full fine-tune's: no adapter weights
+    _adapter(folder / "checkpoint-60", complete=False)  # written by a worker killed mid-save
     (folder / "checkpoint-x").mkdir()
     (folder / "checkpoint-40").write_text("a file, not a checkpoint")
     assert [p.name for p in rundir.checkpoints(run_dir)] == ["checkpoint-2", "checkpoint-10", "checkpoint-30"]
-    assert rundir.latest_checkpoint(run_dir).name == "checkpoint-30"  # by number: 30 > 10 > 2
+    assert rundir.latest_checkpoint(run_dir).name == "checkpoint-30"  # by number: 30 > 10 > 2; 60 is cut short
+    assert [p.name for p in rundir.incomplete_checkpoints(run_dir)] == ["checkpoint-60"]
     assert [p.name for p in rundir.checkpoints(run_dir, adapters_only=True)] == ["checkpoint-2", "checkpoint-10"]
     assert not rundir.has_adapter(folder / "checkpoint-30") and rundir.has_adapter(folder / "checkpoint-10")
 
@@ -328,3 +335,110 @@ def test_checkpoints_are_found_by_step_and_adapters_need_their_weights(run_dir):
     update_status(run_dir, "completed")
     assert rundir.latest_adapter(run_dir) == adapter  # ended: the final save
     assert rundir.summarize_run(run_dir).has_adapter
+
+
+def test_a_checkpoint_counts_when_marked_or_when_transformers_last_file_is_whole(run_dir):
+    folder = RunPaths(run_dir).checkpoints
+    unmarked = _adapter(folder / "checkpoint-5", complete=False)
+    assert not rundir.checkpoint_complete(unmarked)
+    (unmarked / "trainer_state.json").write_text('{"global_step": 5, "log_hist')  # cut mid-write
+    assert not rundir.checkpoint_complete(unmarked)
+    (unmarked / "trainer_state.json").write_text('{"global_step": 5}')  # whole: killed just before the mark
+    assert rundir.checkpoint_complete(unmarked)
+    (unmarked / "trainer_state.json").write_text('{"global_step": 4}')  # not this checkpoint's state
+    assert not rundir.checkpoint_complete(unmarked)
+    assert rundir.remove_incomplete_checkpoints(run_dir) == ["checkpoint-5"] and not unmarked.exists()
+
+
+# ----------------------------------------------------------------------------- crash consistency
+def test_a_recorded_active_state_without_a_live_worker_reads_as_interrupted(tmp_path):
+    run_dir = rundir.create_run(tmp_path / "runs", load_preset("demo-lora"), name="gone")
+    _adapter(RunPaths(run_dir).checkpoints / "checkpoint-4")
+    update_launch(run_dir, "loading", pid=2**22 + 11)  # no such process, and nobody holds worker.lock
+    update_status(run_dir, "training", step=7)
+    status = read_run_status(run_dir)
+    assert (status.state, status.recorded_state) == ("interrupted", "training")
+    assert "last step 7" in status.error and "Resume continues from checkpoint-4" in status.error
+    assert read_run_status(run_dir, derive=False).state == "training"  # what the files say, for writers
+    with rundir.hold_worker_lock(run_dir):  # a live worker (this process plays it)
+        assert rundir.worker_lock_held(run_dir) and read_run_status(run_dir).state == "training"
+        assert rundir.worker_lock_holder(run_dir)["pid"] == os.getpid()
+        with pytest.raises(RunError, match="already has a live worker"):
+            with rundir.hold_worker_lock(run_dir, wait_s=0.2):
+                pass
+    assert not rundir.worker_lock_held(run_dir) and read_run_status(run_dir).state == "interrupted"
+
+
+def test_resumed_steps_supersede_the_rolled_back_ones(run_dir):
+    paths = RunPaths(run_dir)
+    for step in (5, 10, 15, 20):
+        rundir.append_jsonl(paths.metrics, {"event": "log", "step": step, "loss": 1.0 / step})
+    watcher = rundir.RunWatcher(run_dir)
+    watcher.refresh()
+    before = watcher.metrics_version
+    rundir.append_jsonl(paths.metrics, rundir.resume_record(10, "checkpoint-10"))
+    rundir.append_jsonl(paths.metrics, {"event": "log", "step": 15, "loss": 0.5})
+    watcher.refresh()
+    expected = [5, 10, 10, 15]  # the resume event sits at step 10; the first attempt's 15 and 20 are gone
+    assert [m["step"] for m in rundir.read_metrics(run_dir)] == expected
+    assert [m["step"] for m in watcher.metrics] == expected and watcher.metrics_version > before
+    assert [m["loss"] for m in watcher.metrics if m.get("event") == "log"][-1] == 0.5
+
+
+def test_the_watcher_is_safe_to_share_between_threads(run_dir):
+    paths = RunPaths(run_dir)
+    with open(paths.metrics, "a") as handle:
+        for step in range(3000):
+            handle.write(json.dumps({"event": "log", "step": step, "loss": 1.0}) + "\n")
+    watcher = rundir.RunWatcher(run_dir)
+    threads = [threading.Thread(target=watcher.refresh) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(watcher.metrics) == 3000
+
+
+@pytest.mark.parametrize("name, content, note", [
+    ("status.json", b"[1, 2, 3]", "status.json is not a JSON object (it holds a list)"),
+    ("status.json", b'{"step": "abc", "state": "training"}', "status.json: step is 'abc', not a whole number"),
+    ("status.json", b"{not json", "status.json is not valid JSON"),
+    ("launch.json", b"\0\0\0", "launch.json is not valid JSON"),
+    ("config.yaml", b"model: [unclosed", "config.yaml is not valid YAML"),
+    ("config.yaml", b"- 1\n- 2\n", "config.yaml is not a mapping (it holds a list)"),
+    ("gpu.jsonl", b"\0\0\0\0\n", "gpu.jsonl has 1 damaged line"),
+    ("metrics.jsonl", b'{"step": "x"}\n[1]\n', "metrics.jsonl has 2 damaged lines"),
+])
+def test_a_damaged_entry_is_a_note_on_its_row_never_a_failure(tmp_path, name, content, note):
+    runs = tmp_path / "runs"
+    healthy = rundir.create_run(runs, load_preset("demo-lora"), name="healthy")
+    damaged = rundir.create_run(runs, load_preset("demo-lora"), name="damaged")
+    rundir.append_jsonl(RunPaths(damaged).metrics, {"event": "log", "step": 1, "loss": 2.0})
+    with open(damaged / name, "ab" if name.endswith(".jsonl") else "wb") as handle:
+        handle.write(content)
+    rows = {summary.name: summary for summary in rundir.list_runs(runs)}
+    assert set(rows) == {"healthy", "damaged"} and rows["healthy"].notes == []
+    assert note in rows["damaged"].note, rows["damaged"].notes
+    assert note in rows["damaged"].as_row()["note"]
+    assert rundir.read_run_status(damaged).state in rundir.STATES + ("unknown",)
+    rundir.read_metrics(damaged), rundir.read_gpu_samples(damaged)  # never raise
+    assert healthy.exists()
+
+
+def test_a_failed_start_leaves_no_half_made_folder(tmp_path, monkeypatch):
+    import errno as errno_module
+
+    def full(*args, **kwargs):
+        raise OSError(errno_module.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(rundir, "ensure_reserve", full)  # the disk fills between the config and the reserve
+    with pytest.raises(RunError, match="was not created.*was full"):
+        rundir.create_run(tmp_path / "runs", load_preset("demo-lora"), name="half")
+    assert list((tmp_path / "runs").iterdir()) == []
+
+
+def test_run_fields_take_run_names_only(tmp_path):
+    outside = rundir.create_run(tmp_path / "elsewhere", load_preset("demo-lora"), name="x")
+    with pytest.raises(RunError, match="not a valid run name"):
+        rundir.resolve_run(tmp_path / "runs", str(outside))
+    assert rundir.resolve_run(tmp_path / "runs", str(outside), allow_path=True) == outside  # the CLI's choice

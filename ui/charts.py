@@ -13,6 +13,9 @@ Metric events (one per line of metrics.jsonl; any key may be missing)::
      "grad_norm", "tokens_per_second", "elapsed_s", "eta_s", "t"}
     {"event": "task_eval", "step", "metric", "score", "n", "valid_json", "seconds", "t"}
 
+A ``{"event": "resume", "step": S}`` event marks a resume: earlier events above step S were
+rolled back and are not drawn.
+
 Memory samples: the format documented in ``engine.training.sampler``.
 """
 
@@ -24,6 +27,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative
+
+from engine.training.rundir import current_records
 
 MAX_POINTS = 500
 DEFAULT_SMOOTHING = 0.9
@@ -90,11 +95,30 @@ def empty_figure(message: str = "No metrics yet", uirevision: str = "empty") -> 
     return _finish(fig, uirevision)
 
 
+def _light_template() -> go.layout.Template:
+    """plotly_white's layout alone (colours, grid, fonts), without its defaults for every trace type.
+
+    Every figure carries its template, and plotly validates and copies it on each build: the full
+    plotly_white made a third of the cost of a chart rebuilt for every new metrics line, and 7 KB of
+    every payload sent to every viewer. The charts here only draw scatter lines on 2-D axes, which
+    look the same with the layout part alone.
+    """
+    import plotly.io as pio
+
+    return go.layout.Template(layout=pio.templates["plotly_white"].layout)
+
+
+_TEMPLATE = None
+
+
 def _finish(fig: go.Figure, uirevision: str, title: str | None = None) -> go.Figure:
+    global _TEMPLATE
+    if _TEMPLATE is None:
+        _TEMPLATE = _light_template()
     fig.update_layout(
         title=title,
         uirevision=uirevision,
-        template="plotly_white",
+        template=_TEMPLATE,
         hovermode="x unified",
         margin={"l": 60, "r": 60, "t": 50 if title else 20, "b": 40},
         # Below the plot: a legend that wraps onto a second line must not cover the title.
@@ -110,13 +134,17 @@ def _is_number(value: Any) -> bool:
 def _as_runs(
     metrics: Metrics | Mapping[str, Metrics] | None, runs: Mapping[str, Metrics] | None
 ) -> dict[str, Metrics]:
-    """One run (a list) or several (``{name: list}``), plus ``runs`` to compare against."""
+    """One run (a list) or several (``{name: list}``), plus ``runs`` to compare against.
+
+    Steps rolled back by a resume are dropped (``rundir.current_records``), so a line never
+    runs backwards, wherever the events came from.
+    """
     if isinstance(metrics, Mapping):
         combined = dict(metrics)
     else:
         combined = {"": metrics or []}
     combined.update(runs or {})
-    return combined
+    return {name: current_records([e for e in events if isinstance(e, Mapping)]) for name, events in combined.items()}
 
 
 def _series(events: Iterable[Mapping[str, Any]], key: str, when=None) -> tuple[list, list]:

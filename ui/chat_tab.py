@@ -25,8 +25,9 @@ from engine.chat import (
     with_system_prompt,
 )
 from engine.chat.ratings import describe_win_rate, win_rate
-from engine.errors import LoraLabError
+from engine.errors import ConfigError, LoraLabError
 from engine.training.rundir import list_runs, resolve_run
+from ui import fields
 from ui.context import AppContext, bind
 
 SOURCE_HELD_OUT, SOURCE_FILE, SOURCE_LINES = "Run's held-out split", "File", "Typed lines"
@@ -50,12 +51,24 @@ def _markdown_lines(text: str) -> str:
     return text.replace("\n", "  \n")  # a Markdown hard line break per engine line
 
 
+def _number(value, default, whole: bool = False):
+    """A form value as a number when it is one; anything else is passed on for Sampling's sentence."""
+    if value in (None, ""):
+        return default
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return value
+    if whole and number.is_integer():
+        return int(number)
+    return number
+
+
 def _sampling(temperature, top_p, max_new_tokens, repetition_penalty, seed, greedy) -> Sampling:
-    as_int = lambda value, default: default if value in (None, "") else int(value)
-    return Sampling(temperature=float(temperature), top_p=float(top_p),
-                    max_new_tokens=as_int(max_new_tokens, Sampling.max_new_tokens),
-                    repetition_penalty=float(repetition_penalty), seed=as_int(seed, 0),
-                    greedy=bool(greedy)).validated()
+    return Sampling(temperature=_number(temperature, Sampling.temperature), top_p=_number(top_p, Sampling.top_p),
+                    max_new_tokens=_number(max_new_tokens, Sampling.max_new_tokens, whole=True),
+                    repetition_penalty=_number(repetition_penalty, Sampling.repetition_penalty),
+                    seed=_number(seed, 0, whole=True), greedy=bool(greedy)).validated()
 
 
 def chat_models(ctx: AppContext) -> ChatModels:
@@ -96,8 +109,9 @@ def load_adapter(ctx: AppContext, run_name, which, folder):
     """Load the chosen run's adapter (or the adapter folder, when one is typed); returns the state in words."""
     models = chat_models(ctx)
     try:
-        target = (folder or "").strip() or (run_name or "")
-        source = resolve_adapter(ctx.runs_dir, target, which or LATEST)
+        folder = (folder or "").strip()
+        # The folder box takes any adapter folder; the run box a run name inside the runs folder only.
+        source = resolve_adapter(ctx.runs_dir, folder or (run_name or ""), which or LATEST, allow_path=bool(folder))
         text = _markdown_lines(models.load(source))
         rate = describe_win_rate(*win_rate(source.ratings_dir))
         return text, rate
@@ -124,10 +138,15 @@ def send(ctx: AppContext, message, base_history, tuned_history, system_prompt, t
     except LoraLabError as error:
         yield gr.update(), base_history, tuned_history, _error_text(error)
         return
-    stop = ctx.chat_stops.fresh(_session(request))
     user = {"role": "user", "content": text}
     base_prompt = with_system_prompt(base_history + [user], system_prompt)
     tuned_prompt = with_system_prompt(tuned_history + [user], system_prompt)
+    try:  # bounded before any tokens are generated: characters, then the model's context
+        sampling, fitted = models.fit([base_prompt, tuned_prompt], sampling)
+    except LoraLabError as error:
+        yield gr.update(), base_history, tuned_history, _error_text(error)
+        return
+    stop = ctx.chat_stops.fresh(_session(request))
     base_view = base_history + [user, {"role": "assistant", "content": ""}]
     tuned_view = tuned_history + [user, {"role": "assistant", "content": ""}]
     label = models.active.label
@@ -141,7 +160,8 @@ def send(ctx: AppContext, message, base_history, tuned_history, system_prompt, t
         yield "", base_view, tuned_view, _error_text(error)
         return
     done = "Stopped." if stop.is_set() else "Done."
-    yield "", base_view, tuned_view, f"{done} Same prompt and settings on both sides: {sampling.describe()}."
+    note = f" {fitted}" if fitted else ""
+    yield "", base_view, tuned_view, f"{done} Same prompt and settings on both sides: {sampling.describe()}.{note}"
 
 
 def stop_generation(ctx: AppContext, request: gr.Request = None):
@@ -173,7 +193,9 @@ def _prompt_set(models: ChatModels, source_kind, upload, lines, limit):
         if models.active.run_dir is None:
             raise LoraLabError("An adapter folder outside a run has no held-out split: use a file or typed lines.")
         prompts = held_out_prompts(models.active.run_dir)
-    limit = int(limit or 0)
+    limit = _number(limit, 0, whole=True)
+    if not isinstance(limit, int) or limit < 0:
+        raise ConfigError("limit", f"must be a whole number >= 0 (0: all), got {limit!r}.")
     return prompts[:limit] if limit > 0 else prompts
 
 
@@ -295,10 +317,10 @@ def build(ctx: AppContext) -> None:
         with gr.Row():
             temperature = gr.Slider(0, 2, value=Sampling.temperature, step=0.05, label="Temperature")
             top_p = gr.Slider(0.05, 1, value=Sampling.top_p, step=0.01, label="Top-p")
-            max_new_tokens = gr.Number(Sampling.max_new_tokens, label="Max new tokens", precision=0, minimum=1)
+            max_new_tokens = fields.Number(Sampling.max_new_tokens, label="Max new tokens", precision=0, minimum=1)
             repetition_penalty = gr.Slider(0.5, 2, value=Sampling.repetition_penalty, step=0.05,
                                            label="Repetition penalty")
-            seed = gr.Number(Sampling.seed, label="Seed", precision=0, minimum=0)
+            seed = fields.Number(Sampling.seed, label="Seed", precision=0, minimum=0)
 
     with gr.Row():
         base_chat = gr.Chatbot(label="Base model (adapter off)", height=420, feedback_options=None)
@@ -317,7 +339,7 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         source_kind = gr.Radio([SOURCE_HELD_OUT, SOURCE_FILE, SOURCE_LINES], value=SOURCE_HELD_OUT,
                                label="Prompt set", scale=3)
-        limit = gr.Number(10, label="At most this many prompts (0: all)", precision=0, minimum=0, scale=1)
+        limit = fields.Number(10, label="At most this many prompts (0: all)", precision=0, minimum=0, scale=1)
         blind = gr.Checkbox(True, label="Blind mode: show answers as A and B in random order", scale=2)
     prompt_file = gr.File(label="Prompts file: .txt (one prompt per line) or a dataset file (JSONL, JSON, CSV, "
                                 "Parquet; answers become the reference)", type="filepath", visible=False)
@@ -340,23 +362,26 @@ def build(ctx: AppContext) -> None:
     panel_outputs = [panel_group, rating_prompt, answer_a, answer_b, win_text]
 
     # ------------------------------------------------------------------ wiring
+    # One load or generation at a time for the whole app (one model in memory), queued in its own group, so
+    # chat never holds a worker thread waiting on the model's lock nor delays the Train tab's updates.
+    generation = dict(concurrency_id="chat", concurrency_limit=1)
     refresh_button.click(bind(refresh_runs, runs_dir), run_box, run_box, api_name="refresh_runs")
     run_box.focus(bind(refresh_runs, runs_dir), run_box, run_box, api_visibility="private")
     run_box.change(bind(adapter_choices, runs_dir), run_box, adapter_box, api_name="adapter_choices")
     load_button.click(bind(load_adapter, ctx), [run_box, adapter_box, folder_box], [load_state, win_text],
-                      api_name="load")
+                      api_name="load", **generation)
 
     chat_inputs = [message, base_chat, tuned_chat, system_box, *sampling_inputs]
     chat_outputs = [message, base_chat, tuned_chat, chat_status]
     send_event = send_button.click(bind(send, ctx), chat_inputs, chat_outputs, api_name="send",
-                                   show_progress="minimal")
+                                   show_progress="minimal", **generation)
     submit_event = message.submit(bind(send, ctx), chat_inputs, chat_outputs, api_visibility="private",
-                                  show_progress="minimal")
+                                  show_progress="minimal", **generation)
     clear_button.click(clear_chats, None, [base_chat, tuned_chat, chat_status], api_name="clear")
 
     batch_event = batch_button.click(
         bind(run_batch, ctx), [source_kind, prompt_file, prompt_lines, limit, blind, system_box, *sampling_inputs],
-        [batch_status, table, batch_state, *panel_outputs], api_name="batch")
+        [batch_status, table, batch_state, *panel_outputs], api_name="batch", **generation)
     running = [send_event, submit_event, batch_event]
     # The stop event ends generation inside the model at the next token; cancelling the UI events
     # alone would leave the worker thread generating.

@@ -401,11 +401,14 @@ def build(ctx: AppContext) -> None:
     warnings = gr.Markdown()
 
     settings = [source, upload, split, fmt, columns, skip_bad, model, max_length]
+    # Previews and statistics starts share one small group: a slow dataset never delays the Train tab.
+    reading = dict(concurrency_id="dataset", concurrency_limit=2)
     load_event = load_button.click(
         bind(load_preview, ctx),
         inputs=settings,
         outputs=[status, preview, page, table, rendered, row_info, row_number],
         api_name="load_preview",
+        **reading,
     )
     stats_inputs = [job_id, *settings, eval_fraction, eval_file, batch_size, grad_accum, seed]
     load_event.success(
@@ -414,9 +417,10 @@ def build(ctx: AppContext) -> None:
         outputs=[job_id, progress, timer],
         api_name="start_stats_after_load",
         api_visibility="private",
+        **reading,
     )
     stats_button.click(bind(start_stats, ctx), inputs=stats_inputs, outputs=[job_id, progress, timer],
-                       api_name="start_stats")
+                       api_name="start_stats", **reading)
     stop_button.click(bind(stop_stats, ctx), inputs=[job_id], outputs=[progress], api_name="stop_stats")
     timer.tick(
         bind(poll_stats, ctx), inputs=[job_id], outputs=[progress, histogram, figures, warnings, timer],

@@ -147,7 +147,11 @@ def build(ctx: AppContext) -> None:
     download = gr.DownloadButton("Download zip", visible=False)
 
     refresh.click(bind(refresh_lists, ctx), outputs=[run, existing], api_name="export_refresh")
+    # Exports and zips queue in their own group of one: they are long and heavy, and must never delay the
+    # Train tab's updates or each other (the export lock also refuses a second export from the CLI).
+    exporting = dict(concurrency_id="export", concurrency_limit=1)
     export_button.click(bind(do_export, ctx), inputs=[run, kind, dtype, shard, name, overwrite],
-                        outputs=[status, existing], api_name="export_run")
+                        outputs=[status, existing], api_name="export_run", **exporting)
     existing.change(hide_download, inputs=existing, outputs=download, api_name=False)
-    zip_button.click(bind(do_zip, ctx), inputs=existing, outputs=[zip_status, download], api_name="export_zip")
+    zip_button.click(bind(do_zip, ctx), inputs=existing, outputs=[zip_status, download], api_name="export_zip",
+                     **exporting)

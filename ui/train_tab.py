@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import html
 import shutil
+import threading
 import time
 from functools import partial
 from pathlib import Path
 
 import gradio as gr
+from gradio.components.plot import PlotData
 
 from engine.chat.ratings import format_win_rate_cell
 from engine.config import (
@@ -22,7 +24,7 @@ from engine.config import (
 from engine.config.overrides import render_value
 from engine.errors import LoraLabError
 from engine.training import rundir
-from ui import charts
+from ui import charts, fields
 from ui.context import AppContext
 
 DEFAULT_PRESET = "demo-lora"
@@ -53,7 +55,7 @@ def component_for(path: str, value):
     if spec.choices is not None:
         return gr.Dropdown(choices=list(spec.choices), **common)
     if spec.kind in ("int", "float", "number"):
-        return gr.Number(precision=0 if spec.kind == "int" else None, **common)
+        return fields.Number(precision=0 if spec.kind == "int" else None, **common)
     return gr.Textbox(**common)
 
 
@@ -106,19 +108,111 @@ def errors_markdown(errors: list[LoraLabError]) -> str:
 
 # ----------------------------------------------------------------------------- run monitor
 class Monitor:
-    """Per-app cache of RunWatchers and predicted peaks (computed once per run, not per tick)."""
+    """One per app, shared by every viewer: a RunWatcher per run and the figures built from it.
+
+    Five viewers of one run used to parse, build and serialise the same four Plotly figures
+    five times per change, on the cores the training run needs. Here each figure is built
+    and serialised once per change of what it shows (metrics or memory samples) and handed
+    to every viewer as the same ``PlotData``; the runs table is shared the same way. A
+    background thread watches the runs viewers looked at in the last ``PREFETCH_FOR_S`` and
+    builds the new figures as soon as a metrics line lands, so the build overlaps the viewers'
+    wait for their next tick instead of adding to it. Thread-safe: Gradio calls the tick from
+    many threads at once.
+    """
+
+    RUNS_TABLE_TTL_S = 2.0
+    PREFETCH_EVERY_S = 0.1
+    PREFETCH_FOR_S = 10.0
 
     def __init__(self, ctx: AppContext):
         self.ctx = ctx
         self.watchers: dict[Path, rundir.RunWatcher] = {}
         self.predicted: dict[Path, int | None] = {}
+        self._lock = threading.Lock()
+        self._figures: dict[tuple, PlotData] = {}  # (run, chart, version) -> serialised figure
+        self._building: dict[tuple, threading.Lock] = {}
+        self._table: tuple[float, list] | None = None
+        self._viewed: dict[Path, float] = {}  # run -> when a viewer last asked for it
+        self._prefetcher: threading.Thread | None = None
 
     def watcher(self, run_dir: Path) -> rundir.RunWatcher:
-        if run_dir not in self.watchers:
-            self.watchers[run_dir] = rundir.RunWatcher(run_dir)
-        watcher = self.watchers[run_dir]
-        watcher.refresh()
+        with self._lock:
+            watcher = self.watchers.get(run_dir)
+            if watcher is None:
+                watcher = self.watchers[run_dir] = rundir.RunWatcher(run_dir)
+        watcher.refresh()  # thread-safe: concurrent viewers read each appended byte once
         return watcher
+
+    def viewed(self, run_dir: Path) -> rundir.RunWatcher:
+        """A viewer's tick: the run's watcher, refreshed, and the run kept warm by the prefetcher."""
+        with self._lock:
+            self._viewed[run_dir] = time.monotonic()
+            if self._prefetcher is None:
+                self._prefetcher = threading.Thread(target=self._prefetch, name="loralab-charts", daemon=True)
+                self._prefetcher.start()
+        return self.watcher(run_dir)
+
+    def _prefetch(self) -> None:
+        while True:
+            time.sleep(self.PREFETCH_EVERY_S)
+            with self._lock:
+                now = time.monotonic()
+                recent = [run for run, when in self._viewed.items() if now - when < self.PREFETCH_FOR_S]
+            for run_dir in recent:
+                try:
+                    metrics, samples, metrics_version, samples_version = self.watcher(run_dir).snapshot()
+                    if metrics:
+                        self.metric_figures(run_dir, metrics, metrics_version)
+                    if samples:
+                        self.memory_figure(run_dir, samples, samples_version)
+                except Exception:  # noqa: BLE001 - a figure that cannot be built now is built (and said) by the tick
+                    continue
+
+    def figure(self, run_dir: Path, chart: str, version: int, build) -> PlotData:
+        """``build()`` serialised once per (run, chart, version); every other viewer gets the same object."""
+        key = (run_dir, chart, version)
+        with self._lock:
+            found = self._figures.get(key)
+            if found is not None:
+                return found
+            building = self._building.setdefault(key, threading.Lock())
+        with building:  # one viewer builds; the others wait for it instead of building it again
+            with self._lock:
+                found = self._figures.get(key)
+            if found is None:
+                found = PlotData(type="plotly", plot=build().to_json())
+                with self._lock:
+                    for old in [k for k in self._figures if k[:2] == key[:2] and k[2] < version]:
+                        del self._figures[old]  # an older version of this chart
+                    self._figures[key] = found
+                    self._building.pop(key, None)
+        return found
+
+    def metric_figures(self, run_dir: Path, metrics: list[dict], version: int) -> tuple[PlotData, ...]:
+        """Loss, learning rate and gradient norm, throughput: built once per metrics version."""
+        revision = run_dir.name
+        return (
+            self.figure(run_dir, "loss", version, lambda: charts.loss_figure(metrics, uirevision=f"loss-{revision}")),
+            self.figure(run_dir, "lr", version,
+                        lambda: charts.lr_gradnorm_figure(metrics, uirevision=f"lr-{revision}")),
+            self.figure(run_dir, "speed", version,
+                        lambda: charts.throughput_figure(metrics, uirevision=f"speed-{revision}")),
+        )
+
+    def memory_figure(self, run_dir: Path, samples: list[dict], version: int) -> PlotData:
+        return self.figure(run_dir, "memory", version, lambda: charts.memory_figure(
+            samples, predicted_peak_bytes=self.predicted_peak(run_dir), uirevision=f"memory-{run_dir.name}"))
+
+    def runs_table(self) -> list[list]:
+        """The runs table, listed at most once per ``RUNS_TABLE_TTL_S`` however many viewers poll it."""
+        with self._lock:
+            cached = self._table
+        if cached is not None and time.monotonic() - cached[0] < self.RUNS_TABLE_TTL_S:
+            return cached[1]
+        table = runs_table(self.ctx)
+        with self._lock:
+            self._table = (time.monotonic(), table)
+        return table
 
     def predicted_peak(self, run_dir: Path) -> int | None:
         if run_dir not in self.predicted:
@@ -160,11 +254,15 @@ STATE_WORDS = {
 }
 
 
-def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | None = None) -> str:
-    """Status line, progress bar and notes; ``metrics`` (already read by a RunWatcher) avoids re-reading files."""
+def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | None = None,
+                status: dict | None = None, notes: list[str] | None = None) -> str:
+    """Status line, progress bar and notes; ``metrics`` (already read by a RunWatcher) and ``status``
+    (already read this tick) avoid re-reading files; ``notes``: what is damaged in the folder (default: the
+    status files' own notes)."""
     if run_dir is None:
         return "<div class='loralab-status'>No runs yet. Pick a preset and press <b>Start</b>.</div>"
-    status = rundir.read_status(run_dir)
+    if status is None:
+        status = rundir.read_status(run_dir)
     if metrics is None:
         metrics = rundir.read_metrics(run_dir)
     state = status.get("state", "unknown")
@@ -173,7 +271,8 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     task = [m for m in metrics if m.get("event") == "task_eval" and m.get("score") is not None]
     step, total = int(status.get("step") or 0), status.get("max_steps") or 0
     percent = 100 * step / total if total else 0
-    elapsed = (status.get("ended_at") or time.time()) - status["started_at"] if status.get("started_at") else None
+    started, ended = status.get("started_at"), status.get("ended_at")
+    elapsed = (ended or time.time()) - started if started else None
     eta = status.get("eta_s") if state in rundir.ACTIVE_STATES else None
     parts = [
         f"<div class='loralab-status' id='loralab-status'><b>{html.escape(run_dir.name)}</b> — "
@@ -190,6 +289,9 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     ]
     for sentence in status.get("fallbacks", []):
         parts.append(f"<div>• {html.escape(sentence)}</div>")
+    notes = status.get("notes", []) if notes is None else notes
+    for note in notes:  # a damaged entry in the run folder, said instead of failing
+        parts.append(f"<div class='loralab-error'>⚠ {html.escape(note)}</div>")
     if status.get("error"):
         parts.append(f"<div class='loralab-error' id='loralab-error'><b>Why it failed:</b> "
                      f"{html.escape(status['error'])}</div>")
@@ -211,7 +313,7 @@ def runs_table(ctx: AppContext) -> list[list]:
 
 
 RUN_COLUMNS = ["name", "method", "base model", "status", "steps", "train loss", "eval loss", "task score",
-               "peak memory (MiB)", "duration (s)", "created", "win rate"]
+               "peak memory (MiB)", "duration (s)", "created", "note", "win rate"]  # note: what is damaged, if anything
 
 
 def win_rate_cell(run_dir: Path) -> str:
@@ -296,33 +398,46 @@ def on_resume(ctx: AppContext, choice: str | None) -> str:
 
 
 def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str):
-    """Status every tick; charts only when the run or its files changed (bounded payloads)."""
+    """Status every tick; charts only when the run or its files changed (bounded payloads, built once for all viewers)."""
+    if choice and choice != WATCH_LATEST:
+        try:
+            rundir.resolve_run(ctx.runs_dir, choice)
+        except LoraLabError as error:  # not a run name, gone, or unreadable: say which, in words
+            return (f"<div class='loralab-error' id='loralab-error'>{html.escape(str(error))}</div>", gr.skip(),
+                    gr.skip(), gr.skip(), gr.skip(), gr.skip(), last_key)
     run_dir = resolve_watched(ctx, choice)
     if run_dir is None:
         samples = ctx.sampler.recent(300) if ctx.sampler else []
         return (status_html(None, ctx), gr.skip(), charts.memory_figure(samples), gr.skip(), gr.skip(),
                 gr.skip(), last_key)
-    watcher = monitor.watcher(run_dir)
-    key = f"{run_dir.name}:{len(watcher.metrics)}:{len(watcher.gpu_samples)}"
-    status_text = status_html(run_dir, ctx, watcher.metrics)
-    active = rundir.read_status(run_dir).get("state") in rundir.ACTIVE_STATES
+    metrics, samples, metrics_version, samples_version = monitor.viewed(run_dir).snapshot()
+    key = f"{run_dir.name}:{metrics_version}:{samples_version}"
+    status = rundir.read_status(run_dir)
+    # Damage anywhere in the folder (config, metrics, samples), from the runs table's cached facts.
+    status_text = status_html(run_dir, ctx, metrics, status, rundir.cached_summary(run_dir).notes)
+    active = status.get("state") in rundir.ACTIVE_STATES
     # A finished run without samples of its own shows the live device memory instead.
-    live = not watcher.gpu_samples and not active and ctx.sampler is not None
-    samples = ctx.sampler.recent(300) if live else watcher.gpu_samples
+    live = not samples and not active and ctx.sampler is not None
+    if live:
+        samples = ctx.sampler.recent(300)
     if key == last_key:
         memory = charts.memory_figure(samples, uirevision=f"memory-{run_dir.name}") if live else gr.skip()
         return status_text, gr.skip(), memory, gr.skip(), gr.skip(), gr.skip(), key
-    revision = run_dir.name
-    return (
-        status_text,
-        charts.loss_figure(watcher.metrics, uirevision=f"loss-{revision}"),
-        charts.memory_figure(samples, predicted_peak_bytes=monitor.predicted_peak(run_dir),
-                             uirevision=f"memory-{revision}"),
-        charts.lr_gradnorm_figure(watcher.metrics, uirevision=f"lr-{revision}"),
-        charts.throughput_figure(watcher.metrics, uirevision=f"speed-{revision}"),
-        rundir.log_tail(run_dir, 60),
-        key,
-    )
+    # What this viewer already has is not sent again: a new memory sample leaves the loss charts as they are.
+    seen_run, _, seen = (last_key or "").partition(":")
+    seen_metrics, _, seen_samples = seen.partition(":") if seen_run == run_dir.name else ("", "", "")
+    metrics_new, samples_new = seen_metrics != str(metrics_version), seen_samples != str(samples_version)
+    if live:
+        memory = charts.memory_figure(samples, predicted_peak_bytes=monitor.predicted_peak(run_dir),
+                                      uirevision=f"memory-{run_dir.name}")
+    elif samples_new:
+        memory = monitor.memory_figure(run_dir, samples, samples_version)
+    else:
+        memory = gr.skip()
+    if not metrics_new:
+        return status_text, gr.skip(), memory, gr.skip(), gr.skip(), gr.skip(), key
+    loss, lr, speed = monitor.metric_figures(run_dir, metrics, metrics_version)
+    return status_text, loss, memory, lr, speed, rundir.log_tail(run_dir, 60), key
 
 
 def on_refresh_runs(ctx: AppContext):
@@ -428,10 +543,12 @@ def build(ctx: AppContext) -> None:
     timer = gr.Timer(0.5)  # p95 metric-to-chart latency must stay under 1 s (bench/ui_latency.py)
     timer.tick(partial(on_tick, ctx, monitor), [watched, last_key], tick_outputs, show_progress="hidden",
                api_name="tick", queue=False)
-    watched.change(partial(on_tick, ctx, monitor), [watched, gr.State("")], tick_outputs, api_name="watch")
-    refresh_runs.click(partial(on_refresh_runs, ctx), None, [table, watched, compare_pick], api_name="refresh_runs")
+    watched.change(partial(on_tick, ctx, monitor), [watched, gr.State("")], tick_outputs, api_name="watch",
+                   queue=False)
+    refresh_runs.click(partial(on_refresh_runs, ctx), None, [table, watched, compare_pick], api_name="refresh_runs",
+                       queue=False)
     slow_timer = gr.Timer(5.0)
-    slow_timer.tick(partial(runs_table, ctx), None, [table], show_progress="hidden", queue=False)
+    slow_timer.tick(monitor.runs_table, None, [table], show_progress="hidden", queue=False)
     compare_pick.change(partial(on_compare, ctx), [compare_pick], [compare_loss, compare_memory, compare_configs],
                         api_name="compare")
     ctx.train_form = [preset, method] + form

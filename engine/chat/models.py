@@ -11,6 +11,12 @@ thread, because adapter on/off is a property of the one shared model; each strea
 by token through ``TextIteratorStreamer``, and a ``StoppingCriteria`` bound to a
 ``threading.Event`` stops both at the next token.
 
+Every request is bounded before the costly part (``engine.limits``): a conversation above
+``max_prompt_chars`` is refused before it is tokenized; one that leaves no room in the model's
+context (``max_position_embeddings``) is refused, and ``max_new_tokens`` is lowered to the room
+left, said in a sentence (``fit``); each side stops after ``max_generation_s`` (transformers'
+``max_time``). A client that leaves closes the stream, which stops generation at the next token.
+
 Around it: what to load (``engine.chat.sources``), prompt sets (``engine.chat.prompts``),
 blind ratings and the win rate (``engine.chat.ratings``) and ``python -m engine compare``
 (``engine.chat.cli``).
@@ -18,6 +24,7 @@ blind ratings and the win rate (``engine.chat.ratings``) and ``python -m engine 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -32,9 +39,10 @@ from engine.chat.sources import (
     AdapterSource,
     adapter_weights_time,
 )
-from engine.errors import ConfigError, LoraLabError, ModelNotFoundError, RunError
+from engine.errors import ConfigError, LimitError, LoraLabError, ModelNotFoundError, RunError
 from engine.evals.metrics import token_f1
 from engine.hub import resolve_model
+from engine.limits import env_name, limits
 
 MAX_ADAPTERS = 8  # adapters are small, but a dashboard left open for days should not grow without bound
 SIDES = (BASE, FINETUNED)
@@ -141,6 +149,14 @@ def clean_messages(messages) -> list[dict]:
     """Keep role and text of each message (drops UI metadata, flattens multi-part content)."""
     return [{"role": m.get("role"), "content": _flatten_content(m.get("content"))}
             for m in messages or [] if m.get("role") in ("system", "user", "assistant")]
+
+
+def check_prompt_size(messages: list[dict]) -> None:
+    """Refuse, before tokenizing, a conversation longer than ``max_prompt_chars`` characters."""
+    size, cap = sum(len(m.get("content") or "") for m in messages), limits().max_prompt_chars
+    if size > cap:
+        raise LimitError(f"The conversation is {size:,} characters, above the {cap:,}-character limit "
+                         f"({env_name('max_prompt_chars')}); shorten the message or press Clear.")
 
 
 def _stop_criteria(events):
@@ -433,6 +449,42 @@ class ChatModels:
         device = next(self.model.parameters()).device
         return {k: v.to(device) for k, v in encoded.items() if k in ("input_ids", "attention_mask")}
 
+    def context_length(self) -> int | None:
+        """Positions the loaded model can read (prompt and answer together), from its config."""
+        config = getattr(self.model, "config", None)
+        for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+            value = getattr(config, name, None)
+            if isinstance(value, int) and value > 0:
+                return value
+        return None
+
+    def fit(self, conversations: list[list[dict]], sampling: Sampling) -> tuple[Sampling, str | None]:
+        """``sampling`` with ``max_new_tokens`` lowered so every conversation's answer fits the model's
+        context, and the sentence that says so (None when nothing changed).
+
+        Refuses (``LimitError``) a conversation above ``max_prompt_chars`` before tokenizing, and one
+        that leaves no room for an answer.
+        """
+        conversations = [clean_messages(c) for c in conversations]
+        for messages in conversations:
+            check_prompt_size(messages)
+        with self._lock:
+            self._require_loaded()
+            longest = max(self._encode(messages)["input_ids"].shape[1] for messages in conversations)
+            context = self.context_length()
+        if context is None:
+            return sampling, None
+        room = context - longest
+        if room < 1:
+            raise LimitError(f"The conversation is {longest:,} tokens; the model reads at most {context:,} "
+                             "(its context), so there is no room for an answer. Shorten it or press Clear.")
+        if sampling.max_new_tokens <= room:
+            return sampling, None
+        fitted = dataclasses.replace(sampling, max_new_tokens=room,
+                                     min_new_tokens=min(sampling.min_new_tokens, room))
+        return fitted, (f"Max new tokens lowered from {sampling.max_new_tokens:,} to {room:,}: the conversation "
+                        f"is {longest:,} tokens and the model reads at most {context:,} (its context).")
+
     def _generate(self, side: str, messages: list[dict], sampling: Sampling, events, streamer=None):
         """One side's generation; returns the new token ids."""
         import torch
@@ -440,7 +492,8 @@ class ChatModels:
         inputs = self._encode(messages)
         tokenizer = self.tokenizer
         kwargs = dict(**inputs, **sampling.generate_kwargs(), stopping_criteria=_stop_criteria(events),
-                      pad_token_id=tokenizer.pad_token_id, streamer=streamer)
+                      pad_token_id=tokenizer.pad_token_id, streamer=streamer,
+                      max_time=limits().max_generation_s)
         torch.manual_seed(sampling.seed)  # the same seed for both sides: differences come from the adapter
         self.generating += 1  # under self._lock: callers hold it
         try:
@@ -462,6 +515,7 @@ class ChatModels:
     def answer(self, messages: list[dict], side: str, sampling: Sampling, stop_event=None) -> str:
         """One side's full answer (no streaming)."""
         sampling.validated()
+        sampling, _ = self.fit([messages], sampling)
         with self._lock:
             self._require_loaded()
             tokens = self._generate(side, clean_messages(messages), sampling,
@@ -479,6 +533,7 @@ class ChatModels:
 
         sampling.validated()
         self._require_loaded()
+        sampling, _ = self.fit([base_messages, tuned_messages], sampling)  # callers show the note via fit first
         stop = stop_event or threading.Event()
         abandoned = threading.Event()
         tokenizer = self.tokenizer

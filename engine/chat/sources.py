@@ -115,16 +115,22 @@ def source_for_folder(folder: str | Path, base_model: str | None = None) -> Adap
                          revision=adapter_config.get("revision"))
 
 
-def resolve_adapter(runs_dir: str | Path, run_or_folder: str, which: str = LATEST) -> AdapterSource:
-    """A run name, a run folder or an adapter folder, as typed by a person."""
+def resolve_adapter(runs_dir: str | Path, run_or_folder: str, which: str = LATEST,
+                    allow_path: bool = True) -> AdapterSource:
+    """A run name, a run folder or an adapter folder, as typed by a person.
+
+    ``allow_path=False`` for a run field: a run name inside ``runs_dir`` only.
+    """
     text = (run_or_folder or "").strip()
     if not text:
         raise RunError("Choose a run or give an adapter folder.")
+    if not allow_path:
+        return source_for_run(resolve_run(Path(runs_dir), text), which)
     path = Path(text).expanduser()
     if path.is_dir() and not (path / "config.yaml").is_file():
         return source_for_folder(path)
     try:
-        run_dir = resolve_run(Path(runs_dir), text)
+        run_dir = resolve_run(Path(runs_dir), text, allow_path=True)
     except RunError:
         if path.is_dir() or "/" in text:
             raise RunError(f"'{text}' is neither a run folder (with config.yaml) nor an adapter folder "

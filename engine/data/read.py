@@ -5,23 +5,33 @@ reads only those lines, and a statistics pass keeps nothing but what it counts. 
 reader reports progress as a fraction (bytes for JSONL and CSV, rows for the others).
 
 A record that cannot be parsed (malformed JSON on one line, a ragged CSV row, a line that
-is not UTF-8) comes back as a ``Record`` with ``error`` set, so the caller decides to stop
-with the file and line or to skip it. Whole-file problems (empty, not a Parquet file, a
-JSON array that does not parse) raise ``DataError`` at once.
+is not UTF-8, a line longer than ``limits().max_row_bytes``) comes back as a ``Record`` with
+``error`` set, so the caller decides to stop with the file and line or to skip it. Whole-file
+problems (empty, not a Parquet file, a JSON array that does not parse, a JSON document above
+its size limit) raise ``DataError`` at once.
+
+Bounded by design (``engine.limits``): a line is read at most ``max_row_bytes + 1`` bytes at a
+time, so one 50 MB line costs a skip, not 50 MB of parsing and tokenizing; the CSV header check
+is linear; a folder is walked breadth-first up to ``max_folder_entries`` entries, and only the
+data extensions a file path accepts are read from it (a ``.txt`` beside them is not), by our
+own readers, so nothing is copied into a cache outside the project.
 """
 
 from __future__ import annotations
 
 import csv
 import hashlib
-import io
 import json
+import os
+import re
+from collections import Counter, deque
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from engine.errors import DataError
+from engine.limits import env_name, limits, size_text
 
 FILE_KINDS = {
     ".jsonl": "jsonl",
@@ -102,18 +112,35 @@ def _parse_json(text: str) -> tuple[Any, str | None]:
         return None, f"Malformed JSON: {exc}."
 
 
-def _first_non_utf8(path: Path) -> tuple[int, int, int]:
-    """(line, column, byte) of the first byte that is not UTF-8 (a line-by-line rescan)."""
-    with open(path, "rb") as handle:
-        for number, raw in enumerate(handle, start=1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                return number, exc.start + 1, raw[exc.start]
-    return 1, 1, 0  # pragma: no cover - only called after a decode error
-
-
 # ----------------------------------------------------------------------------- readers
+def _row_too_long(size: int) -> str:
+    cap = limits().max_row_bytes
+    return (f"This line is {size_text(size)}, above the {size_text(cap)} limit for one row "
+            f"({env_name('max_row_bytes')}); it was not read. Skip bad rows to leave it out.")
+
+
+def bounded_lines(handle, cap: int) -> Iterator[tuple[bytes | None, int]]:
+    """(line, size) for each line of a binary file, reading at most ``cap + 1`` bytes of any line.
+
+    A longer line comes back as ``(None, its size)`` after the rest of it was skipped in chunks,
+    so memory stays bounded however long the line is.
+    """
+    while True:
+        raw = handle.readline(cap + 1)
+        if not raw:
+            return
+        if len(raw) <= cap or raw.endswith(b"\n"):
+            yield raw, len(raw)
+            continue
+        size = len(raw)
+        while True:
+            chunk = handle.readline(HASH_CHUNK)
+            size += len(chunk)
+            if not chunk or chunk.endswith(b"\n"):
+                break
+        yield None, size
+
+
 class JsonLinesReader(RecordReader):
     unit = "line"
 
@@ -124,8 +151,12 @@ class JsonLinesReader(RecordReader):
         with open(path, "rb") as handle:
             _check_not_empty_or_utf16(path, handle.read(4))
             handle.seek(0)
-            for number, raw in enumerate(handle, start=1):
+            for number, (raw, length) in enumerate(bounded_lines(handle, limits().max_row_bytes), start=1):
                 self._progress = handle.tell() / size if size else 1.0
+                if raw is None:
+                    yielded = True
+                    yield Record(number, error=_row_too_long(length))
+                    continue
                 if number == 1 and raw.startswith(UTF8_BOM):
                     raw = raw[len(UTF8_BOM) :]
                 if not raw.strip():
@@ -166,6 +197,17 @@ class JsonDocumentReader(RecordReader):
 
     def __iter__(self) -> Iterator[Record]:
         path = Path(self.path)
+        size, cap = path.stat().st_size, limits().max_json_document_bytes
+        if _looks_like_json_lines(path):  # read lazily, line by line, whatever its size
+            self._lines_reader = JsonLinesReader(self.path)
+            self.unit = "line"
+            yield from self._lines_reader
+            return
+        if size > cap:
+            raise DataError(
+                f"The JSON document is {size_text(size)}, above the {size_text(cap)} limit "
+                f"({env_name('max_json_document_bytes')}): a JSON document must be parsed whole. Save it as JSON "
+                "Lines (one row per line), which is read lazily.", self.path)
         data = path.read_bytes()
         _check_not_empty_or_utf16(path, data[:4])
         if data.startswith(UTF8_BOM):
@@ -203,6 +245,17 @@ class JsonDocumentReader(RecordReader):
         self._progress = 1.0
 
 
+def _looks_like_json_lines(path: Path) -> bool:
+    """A .json file whose first line is one whole JSON object followed by more: JSON Lines in disguise."""
+    with open(path, "rb") as handle:
+        first, _ = next(bounded_lines(handle, limits().max_row_bytes), (None, 0))
+        rest = handle.read(4096)
+    if not first or not rest.strip():
+        return False
+    value, error = _parse_json(first.lstrip(UTF8_BOM).decode("utf-8", errors="replace"))
+    return error is None and isinstance(value, dict)
+
+
 def _rows_of_document(document: Any, path: str) -> list:
     if isinstance(document, list):
         if not document:
@@ -228,16 +281,40 @@ class CsvReader(RecordReader):
         path = Path(self.path)
         size = path.stat().st_size
         delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+        cap = limits().max_row_bytes
+        # The csv module refuses fields above 128 KiB by default; the per-row limit is the bound instead.
+        csv.field_size_limit(max(csv.field_size_limit(), cap))
+        too_long: list[tuple[int, int]] = []  # (line, size) of lines replaced by a blank one
+
         with open(path, "rb") as raw:
             _check_not_empty_or_utf16(path, raw.read(4))
             raw.seek(0)
-            text = io.TextIOWrapper(raw, encoding="utf-8-sig", newline="")
-            reader = csv.reader(text, delimiter=delimiter, strict=True)
+
+            def lines() -> Iterator[str]:
+                for number, (line, length) in enumerate(bounded_lines(raw, cap), start=1):
+                    if line is None:
+                        too_long.append((number, length))
+                        yield "\n"  # the csv reader sees a blank line; the record below says why
+                        continue
+                    if number == 1 and line.startswith(UTF8_BOM):
+                        line = line[len(UTF8_BOM) :]
+                    try:
+                        yield line.decode("utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise DataError(
+                            f"The file is not UTF-8 text (byte 0x{line[exc.start]:02x} at column {exc.start + 1}); "
+                            "save it as UTF-8.", self.path, number) from None
+
+            reader = csv.reader(lines(), delimiter=delimiter, strict=True)
             header: list[str] | None = None
             yielded = False
             try:
                 for fields in reader:
                     self._progress = raw.tell() / size if size else 1.0
+                    while too_long:
+                        line, length = too_long.pop(0)
+                        yielded = True
+                        yield Record(line, error=_row_too_long(length))
                     if not fields or (len(fields) == 1 and not fields[0].strip()):
                         continue  # blank line
                     if header is None:
@@ -254,14 +331,6 @@ class CsvReader(RecordReader):
                         )
                         continue
                     yield Record(reader.line_num, value=dict(zip(header, fields)))
-            except UnicodeDecodeError:
-                # The text layer decodes ahead in chunks, so find the line in the raw bytes.
-                line, column, byte = _first_non_utf8(path)
-                raise DataError(
-                    f"The file is not UTF-8 text (byte 0x{byte:02x} at column {column}); save it as UTF-8.",
-                    self.path,
-                    line,
-                ) from None
             except csv.Error as exc:
                 raise DataError(f"The CSV cannot be parsed: {exc}.", self.path, reader.line_num + 1) from None
         self._progress = 1.0
@@ -274,9 +343,11 @@ class CsvReader(RecordReader):
         header = [f.strip() for f in fields]
         if any(not name for name in header):
             raise DataError("The CSV header has an empty column name.", self.path, line)
-        repeated = sorted({name for name in header if header.count(name) > 1})
+        counts = Counter(header)  # linear: a 100,000-column header is checked in milliseconds
+        repeated = sorted(name for name, count in counts.items() if count > 1)
         if repeated:
-            raise DataError(f"The CSV header repeats the column name(s) {', '.join(repeated)}.", self.path, line)
+            shown = ", ".join(repeated[:10]) + (f" … ({len(repeated)} in all)" if len(repeated) > 10 else "")
+            raise DataError(f"The CSV header repeats the column name(s) {shown}.", self.path, line)
         return header
 
 
@@ -358,19 +429,116 @@ def file_kind(path: Path) -> str:
     raise DataError(f"The file type '{path.suffix or 'none'}' is not supported; use {SUPPORTED_FILES}.", str(path))
 
 
+def folder_data_files(folder: Path) -> list[Path]:
+    """The data files under ``folder``: walked breadth-first, bounded, hidden entries and symlinked folders skipped.
+
+    Only the extensions a file path is read by (``FILE_KINDS``) count; anything else in the
+    folder (a .txt, a README, a key) is never opened.
+    """
+    bounds = limits()
+    folder = Path(folder)
+    found: list[Path] = []
+    visited = 0
+    pending = deque([folder])
+    while pending:
+        current = pending.popleft()
+        try:
+            entries = sorted(os.scandir(current), key=lambda e: e.name)
+        except OSError as exc:
+            raise DataError(f"The folder cannot be read ({exc.strerror or exc}).", str(current)) from None
+        for entry in entries:
+            visited += 1
+            if visited > bounds.max_folder_entries:
+                raise DataError(
+                    f"The folder holds more than {bounds.max_folder_entries:,} files and folders "
+                    f"({env_name('max_folder_entries')}); give a data file, or a folder of data files.", str(folder))
+            if entry.name.startswith("."):
+                continue
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(Path(entry.path))
+                elif entry.is_file() and Path(entry.name).suffix.lower() in FILE_KINDS:
+                    found.append(Path(entry.path))
+            except OSError:
+                continue
+            if len(found) > bounds.max_folder_files:
+                raise DataError(
+                    f"The folder holds more than {bounds.max_folder_files:,} data files "
+                    f"({env_name('max_folder_files')}); merge them, or point at a smaller folder.", str(folder))
+    if not found:
+        raise DataError(f"The folder holds no data files; only {SUPPORTED_FILES} files are read from a folder.",
+                        str(folder))
+    return sorted(found)
+
+
+def split_files(folder: Path, files: list[Path]) -> dict[str, list[Path]]:
+    """Which files make which split, by the ``datasets`` library's own naming rules (train*, *-test.*,
+    data/validation-00000-of-00001.*); everything is ``train`` when no file names a split."""
+    relative = {f.relative_to(folder).as_posix(): f for f in files}
+    try:
+        from datasets.data_files import _get_data_files_patterns
+        from fsspec.utils import glob_translate
+
+        def resolve(pattern: str) -> list[str]:
+            regex = re.compile(glob_translate(pattern))
+            return [name for name in relative if regex.match(name)]
+
+        patterns = _get_data_files_patterns(resolve)
+    except (ImportError, FileNotFoundError, ValueError):  # a datasets without the helper: one split
+        return {"train": files}
+    splits = {}
+    for split, split_patterns in patterns.items():
+        matched = {name for pattern in split_patterns for name in resolve(pattern)}
+        if matched:
+            splits[str(split)] = [relative[name] for name in sorted(matched)]
+    return splits or {"train": files}
+
+
+class FolderReader(RecordReader):
+    """A folder of data files, read file after file by the same readers as a single file."""
+
+    def __init__(self, path: str, split: str = "train"):
+        super().__init__(path)
+        folder = Path(path)
+        splits = split_files(folder, folder_data_files(folder))
+        if split not in splits:
+            raise DataError(f"The folder has no '{split}' split; its files make {', '.join(splits)} (named as the "
+                            "datasets library names splits: train*, validation*, test*).", path)
+        self.files = splits[split]
+        self._current: RecordReader | None = None
+        self._done = 0
+
+    @property
+    def unit(self) -> str:  # type: ignore[override]
+        return self._current.unit if self._current else "line"
+
+    def where(self, number: int) -> tuple[str | None, str]:
+        return self._current.where(number) if self._current else super().where(number)
+
+    def progress(self) -> float:
+        inner = self._current.progress() if self._current else 0.0
+        return (self._done + inner) / len(self.files)
+
+    def __iter__(self) -> Iterator[Record]:
+        for self._done, file in enumerate(self.files):
+            self._current = open_file_records(file)
+            yield from self._current
+        self._done = len(self.files)
+
+
 def open_file_records(path: Path, split: str = "train") -> RecordReader:
-    """A reader for a local file, or for a folder the ``datasets`` library can load."""
+    """A reader for a local file, or for a folder of data files (see ``FolderReader``)."""
     if path.is_dir():
-        return HubDatasetReader(str(path), split=split, streaming=False)
+        return FolderReader(str(path), split=split)
     kind = file_kind(path)
     readers = {"jsonl": JsonLinesReader, "json": JsonDocumentReader, "csv": CsvReader, "parquet": ParquetReader}
     return readers[kind](str(path))
 
 
 def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, or of every file under a folder (relative names included)."""
+    """sha256 of a file's bytes, or of every data file under a folder (relative names included)."""
     digest = hashlib.sha256()
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    files = folder_data_files(path) if path.is_dir() else [path]
     for file in files:
         if path.is_dir():
             digest.update(str(file.relative_to(path)).encode() + b"\0")

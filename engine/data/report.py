@@ -218,10 +218,16 @@ def inspect_dataset(
 
 
 class StatsJob:
-    """``inspect_dataset`` in a thread, with progress and partial figures a UI can poll."""
+    """``inspect_dataset`` in a thread, with progress and partial figures a UI can poll.
 
-    def __init__(self, **kwargs):
+    A pass nobody has polled for ``abandoned_after_s`` stops by itself: the page polls every
+    second, so silence means the client left, and its work should not go on without it.
+    """
+
+    def __init__(self, abandoned_after_s: float = 30.0, **kwargs):
         self.kwargs = kwargs
+        self.abandoned_after_s = abandoned_after_s
+        self.last_seen = time.monotonic()
         self.state = "pending"
         self.progress = 0.0
         self.error: str | None = None
@@ -265,8 +271,11 @@ class StatsJob:
         with self._lock:
             self.progress = fraction
             self.partial = stats
+        if time.monotonic() - self.last_seen > self.abandoned_after_s:
+            self._cancel.set()  # the client left: stop after this row
 
     def snapshot(self) -> dict:
+        self.last_seen = time.monotonic()
         with self._lock:
             return {
                 "state": self.state,
@@ -303,7 +312,10 @@ class StatsJobs:
 
     def get(self, job_id: str | None) -> StatsJob | None:
         with self._lock:
-            return self._jobs.get(job_id) if job_id else None
+            job = self._jobs.get(job_id) if job_id else None
+        if job is not None:
+            job.last_seen = time.monotonic()  # a poll: its client is still there
+        return job
 
     def cancel(self, job_id: str | None) -> bool:
         """Ask the pass to stop after its current row; False if there is no such pass (any more)."""

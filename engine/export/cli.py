@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{fraction:4.0%}] {message}", flush=True)
 
     try:
-        run_dir = rundir.resolve_run(args.runs_dir, args.run)
+        run_dir = rundir.resolve_run(args.runs_dir, args.run, allow_path=True)
         result = export_run(run_dir, args.exports_dir, kind=args.kind, dtype=args.dtype,
                             max_shard_size=args.max_shard_size, name=args.name, overwrite=args.overwrite, progress=say)
         print(result.summary())

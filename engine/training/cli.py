@@ -27,6 +27,15 @@ def _fail(error: LoraLabError) -> int:
     return 2
 
 
+def _say_busy_devices() -> None:
+    """A run started while another trains waits for the device; say for whom, so the wait is no mystery."""
+    from engine.training import devices
+
+    for key, holder in devices.busy_devices().items():
+        print(f"note: {devices.describe(key)} is in use by {devices.holder_text(holder)}; "
+              "this run waits for it if it trains there (python -m engine show tells).")
+
+
 def follow(run_dir: Path, process=None) -> str:
     """Print a progress bar from the run directory until the run ends; Ctrl-C asks it to stop."""
     from tqdm import tqdm
@@ -52,9 +61,10 @@ def follow(run_dir: Path, process=None) -> str:
                     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=record.get("tokens_per_second"))
             if status.step != bar.n:
                 bar.update(status.step - bar.n)
-            if state != last_state:
-                bar.write(f"[{state}] {status.message}")
-                last_state = state
+            if (state, status.message) != last_state and (state != "training" or last_state is None
+                                                           or last_state[0] != "training"):
+                bar.write(f"[{state}] {status.message}")  # a new state, or news within it (waiting for the device)
+                last_state = (state, status.message)
             if state in rundir.TERMINAL_STATES and (process is None or process.poll() is not None):
                 break
             if process is not None and process.poll() is not None and state not in rundir.TERMINAL_STATES:
@@ -93,15 +103,16 @@ def train_main(argv: list[str]) -> int:
     parser.add_argument("--detach", action="store_true", help="start the worker and return at once")
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
+    from engine.training.jobs import spawn_worker
+
     try:
         config = load_preset(args.preset, args.overrides).validate()
         run_dir = rundir.create_run(args.runs_dir, config, name=args.name)
+        process = spawn_worker(run_dir)
     except LoraLabError as error:
         return _fail(error)
-    from engine.training.jobs import spawn_worker
-
-    process = spawn_worker(run_dir)
     print(f"run {run_dir.name} started (worker pid {process.pid}); log: {rundir.RunPaths(run_dir).log}")
+    _say_busy_devices()
     if args.detach:
         return 0
     state = follow(run_dir, process)
@@ -139,7 +150,7 @@ def stop_main(argv: list[str]) -> int:
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
     try:
-        outcome = request_stop(rundir.resolve_run(args.runs_dir, args.run), force=args.force)
+        outcome = request_stop(rundir.resolve_run(args.runs_dir, args.run, allow_path=True), force=args.force)
     except LoraLabError as error:
         return _fail(error)
     print({"requested": "stop requested: the worker finishes its step, saves and exits",
@@ -156,13 +167,16 @@ def resume_main(argv: list[str]) -> int:
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
     try:
-        run_dir = rundir.resolve_run(args.runs_dir, args.run)
+        run_dir = rundir.resolve_run(args.runs_dir, args.run, allow_path=True)
         state = rundir.read_run_status(run_dir).state
         if state not in ("stopped", "interrupted", "failed"):
             raise rundir.RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
+        print(f"run {run_dir.name} ({state}):" + rundir.resume_hint(run_dir) + "".join(
+            f" {p.name} is incomplete and is not used." for p in rundir.incomplete_checkpoints(run_dir)))
+        process = spawn_worker(run_dir, resume=True)
     except LoraLabError as error:
         return _fail(error)
-    process = spawn_worker(run_dir, resume=True)
+    _say_busy_devices()
     if args.detach:
         return 0
     return {"completed": 0, "stopped": 3}.get(follow(run_dir, process), 1)
@@ -177,11 +191,14 @@ def show_main(argv: list[str]) -> int:
     _runs_dir_arg(parser)
     args = parser.parse_args(argv)
     try:
-        run_dir = rundir.resolve_run(args.runs_dir, args.run)
+        run_dir = rundir.resolve_run(args.runs_dir, args.run, allow_path=True)
     except LoraLabError as error:
         return _fail(error)
+    summary = rundir.summarize_run(run_dir)  # never raises: damage becomes notes
     status = rundir.read_status(run_dir)
-    print(json.dumps({k: v for k, v in status.items() if k != "history"}, indent=2, default=str))
+    print(json.dumps({k: v for k, v in status.items() if k not in ("history", "notes")}, indent=2, default=str))
+    for note in summary.notes:
+        print(f"note: {note}")
     print("--- train.log (tail)")
     print(rundir.log_tail(run_dir, args.log_lines))
     return 0

@@ -10,6 +10,13 @@ Everything here is the launcher's side of a run: it writes ``launch.json`` throu
 ``rundir.update_launch`` and never the worker's ``status.json``. Stopping has one
 protocol for the dashboard, ``python -m engine stop`` and Ctrl-C alike: ``request_stop``
 (the ``stop_request`` file first, a kill on the second request) and ``kill_worker``.
+
+This queue is only this dashboard's. Across processes (two dashboards on one runs folder, a
+CLI run beside a dashboard run) the worker itself keeps the order: it holds its run's
+``worker.lock`` (so a run is never trained twice at once, and readers know when it died)
+and its device's lock (``engine.training.devices``: a second run waits, saying for whom).
+A run folder that cannot be written (a full disk) never holds the manager up: the job is
+released first, and what could not be recorded is said once on stderr.
 """
 
 from __future__ import annotations
@@ -24,11 +31,10 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from engine.training import rundir
 from engine.errors import RunError
 from engine.training.rundir import RunPaths, update_launch
+from engine.training.worker import EXIT_DUPLICATE
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 FORCE_STOP_AFTER_S = 120.0  # a graceful stop that has not finished by then is forced
@@ -39,34 +45,47 @@ def worker_command(run_dir: Path, resume: bool) -> list[str]:
 
 
 def spawn_worker(run_dir: Path, resume: bool = False) -> subprocess.Popen:
-    """Start the worker detached (own session), stdout+stderr appended to train.log."""
+    """Start the worker detached (own session), stdout+stderr appended to train.log.
+
+    Refused in words, before any process starts, when the run's disk is full (the worker
+    could not even record its start) and when a worker of this run is already alive.
+    """
     paths = RunPaths(run_dir)
+    if rundir.worker_alive(run_dir, rundir.read_run_status(run_dir, derive=False).pid):
+        raise RunError(f"Run '{Path(run_dir).name}' already has a live worker; it was not started again.")
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH")]))
     env.setdefault("PYTHONUNBUFFERED", "1")
-    paths.stop_request.unlink(missing_ok=True)  # left by an earlier attempt; a new one starts unasked
-    with open(paths.log, "ab") as log_file:
+    try:
+        paths.stop_request.unlink(missing_ok=True)  # left by an earlier attempt; a new one starts unasked
+        rundir.ensure_reserve(run_dir)  # room to record a disk-full failure later
+        log_file = open(paths.log, "ab")
+    except OSError as error:
+        raise _start_refused(run_dir, error) from None
+    with log_file:
         process = subprocess.Popen(
             worker_command(run_dir, resume), stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
             cwd=PROJECT_ROOT, env=env, start_new_session=True,
         )
-    update_launch(run_dir, "loading", pid=process.pid, message="Starting the worker process.", error=None,
-                  worker_started_at=time.time(), queue_position=None)
+    try:
+        update_launch(run_dir, "loading", pid=process.pid, message="Starting the worker process.", error=None,
+                      worker_started_at=time.time(), queue_position=None)
+    except OSError as error:  # nothing may train that the run folder cannot tell about
+        process.kill()
+        process.wait()
+        raise _start_refused(run_dir, error) from None
     return process
 
 
-def worker_alive(run_dir: Path, pid: int | None) -> bool:
-    """Whether ``pid`` is still this run's worker (a reused pid is not)."""
-    if not pid:
-        return False
-    try:
-        process = psutil.Process(pid)
-        if process.status() == psutil.STATUS_ZOMBIE:
-            return False
-        cmdline = " ".join(process.cmdline())
-    except (psutil.NoSuchProcess, psutil.AccessDenied):
-        return False
-    return "engine.training.worker" in cmdline and Path(run_dir).name in cmdline
+def _start_refused(run_dir: Path, error: OSError) -> RunError:
+    if rundir.is_disk_full(error, run_dir):
+        return RunError(f"Run '{Path(run_dir).name}' was not started. " + rundir.disk_full_sentence(run_dir) +
+                        " Free some space there and try again.")
+    return RunError(f"Run '{Path(run_dir).name}' was not started: {run_dir} cannot be written "
+                    f"({error.strerror or error}).")
+
+
+worker_alive = rundir.worker_alive  # one owner: the run directory knows whether its worker lives
 
 
 def describe_exit(returncode: int | None) -> str:
@@ -80,22 +99,16 @@ def describe_exit(returncode: int | None) -> str:
     return f"The worker process exited with code {returncode} without recording why."
 
 
-def _resume_hint(run_dir: Path) -> str:
-    checkpoint = rundir.latest_checkpoint(run_dir)
-    return (f" Resume continues from {checkpoint.name}." if checkpoint else
-            " No checkpoint was saved yet, so resume starts over.")
-
-
 def mark_dead_worker(run_dir: Path, returncode: int | None, interrupted: bool = False) -> None:
     """A worker gone without a final status: say so (unless it wrote one itself)."""
-    step = rundir.read_run_status(run_dir).step
+    step = rundir.read_run_status(run_dir, derive=False).step
     if interrupted:
         update_launch(run_dir, "interrupted", unless_ended=True, message="Interrupted.",
                       error=f"The worker was no longer running when the dashboard (re)started; last step {step}."
-                            + _resume_hint(run_dir))
+                            + rundir.resume_hint(run_dir))
     else:
         update_launch(run_dir, "failed", unless_ended=True, message="Failed.",
-                      error=f"{describe_exit(returncode)} Last recorded step: {step}." + _resume_hint(run_dir))
+                      error=f"{describe_exit(returncode)} Last recorded step: {step}." + rundir.resume_hint(run_dir))
 
 
 def request_stop(run_dir: Path, force: bool = False, process: subprocess.Popen | None = None,
@@ -105,16 +118,30 @@ def request_stop(run_dir: Path, force: bool = False, process: subprocess.Popen |
     The first request leaves ``stop_request`` for the worker, which finishes its step,
     saves the adapter and a checkpoint and exits ("requested"). A second request, or
     ``force``, kills the worker's process group ("killed"). ``process``: the Popen, when
-    the caller started the worker, so it is reaped.
+    the caller started the worker, so it is reaped. A run whose worker is gone is said to
+    be so (and recorded as interrupted) instead.
     """
     status = rundir.read_run_status(run_dir)
-    if not worker_alive(run_dir, status.pid):
-        raise RunError(f"Run '{Path(run_dir).name}' has no live worker.")
+    pid = rundir.live_worker_pid(run_dir, status.pid)
+    if pid is None:
+        name = Path(run_dir).name
+        if status.recorded_state is not None:  # the files said it runs; the worker is gone
+            try:
+                mark_dead_worker(run_dir, None, interrupted=True)
+            except OSError:
+                pass  # a read-only folder: the reader's view already says interrupted
+            raise RunError(f"Run '{name}' is not running: its worker (pid {status.pid}) is gone, so it is "
+                           f"interrupted at step {status.step}." + rundir.resume_hint(run_dir))
+        raise RunError(f"Run '{name}' has no live worker (it is {status.state}).")
     paths = RunPaths(run_dir)
     if force or paths.stop_request.exists():
-        kill_worker(run_dir, status.pid, reason, process)
+        kill_worker(run_dir, pid, reason, process)
         return "killed"
-    paths.stop_request.touch()
+    try:
+        rundir.write_despite_full_disk(run_dir, paths.stop_request.touch)
+    except OSError as error:
+        raise RunError(f"Could not ask run '{Path(run_dir).name}' to stop: {run_dir} cannot be written "
+                       f"({error.strerror or error}); stop it by force instead.") from None
     return "requested"
 
 
@@ -138,7 +165,7 @@ def kill_worker(run_dir: Path, pid: int, reason: str, process: subprocess.Popen 
         process.wait(timeout=wait_s)
     else:
         deadline = time.time() + wait_s
-        while worker_alive(run_dir, pid) and time.time() < deadline:
+        while rundir.worker_alive(run_dir, pid) and time.time() < deadline:
             time.sleep(0.05)
     no_checkpoint = None if rundir.latest_checkpoint(run_dir) else "No checkpoint had been saved; resume starts over."
     update_launch(run_dir, "stopped", unless_ended=True, message=reason, error=no_checkpoint)
@@ -172,6 +199,7 @@ class JobManager:
         self._lock = threading.RLock()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._last_said: str | None = None
         if recover:
             self.recover()
 
@@ -193,8 +221,22 @@ class JobManager:
             try:
                 self.poll()
             except Exception as error:  # noqa: BLE001 - the manager must outlive any single bad run
-                print(f"job manager: {error}", file=sys.stderr)
+                self._say(f"job manager: {error}")
             self._stop.wait(self.poll_s)
+
+    def _say(self, message: str) -> None:
+        """stderr, once per distinct message: a persistent problem must not flood the dashboard's log."""
+        if message != self._last_said:
+            print(message, file=sys.stderr, flush=True)
+            self._last_said = message
+
+    def _record(self, what: str, write) -> None:
+        """Record an observation in a run folder; a folder that cannot take it (a full disk, no permission)
+        is said once and never holds the manager up."""
+        try:
+            write()
+        except OSError as error:
+            self._say(f"job manager: could not record {what}: {error}")
 
     # ------------------------------------------------------------------ actions
     def submit(self, config, name: str | None = None) -> Path:
@@ -231,32 +273,50 @@ class JobManager:
                     self._refresh_queue_messages()
                     return "dequeued"
             job = self.active if self.active and self.active.run_dir == run_dir else None
-        if job is None and not rundir.read_run_status(run_dir).active:
-            raise RunError(f"Run '{run_dir.name}' is not running.")
+        status = rundir.read_run_status(run_dir)
+        if job is None and not status.active and status.recorded_state is None:
+            raise RunError(f"Run '{run_dir.name}' is not running (it is {status.state}).")
         # Ours or one started from the CLI: the same protocol either way.
         return request_stop(run_dir, force=force, process=job.process if job else None)
 
     # ------------------------------------------------------------------ polling
     def poll(self) -> None:
-        """Reap a finished worker, force a stop that timed out, start the next queued run."""
+        """Reap a finished worker, force a stop that timed out, start the next queued run.
+
+        The job is released first and recorded after: a run folder that cannot be written
+        (a full disk) must never keep the manager polling one dead job.
+        """
         with self._lock:
             job = self.active
             if job is not None:
                 returncode = job.process.poll() if job.process else (
-                    None if worker_alive(job.run_dir, job.pid) else -999)
+                    None if rundir.worker_alive(job.run_dir, job.pid) else -999)
                 waited = stop_requested_for(job.run_dir)
                 if returncode is not None:
-                    mark_dead_worker(job.run_dir, None if returncode == -999 else returncode)
                     self.active = None
+                    if returncode != EXIT_DUPLICATE:  # a duplicate left the run to its live worker
+                        self._record(f"the end of run '{job.run_dir.name}'", lambda: mark_dead_worker(
+                            job.run_dir, None if returncode == -999 else returncode))
                 elif waited is not None and waited > FORCE_STOP_AFTER_S:
-                    kill_worker(job.run_dir, job.pid, f"Stopped by force: the graceful stop took over "
-                                                      f"{FORCE_STOP_AFTER_S:.0f} s.", job.process)
                     self.active = None
-            if self.active is None and self.queue:
+                    self._record(f"the forced stop of run '{job.run_dir.name}'", lambda: kill_worker(
+                        job.run_dir, job.pid, f"Stopped by force: the graceful stop took over "
+                                              f"{FORCE_STOP_AFTER_S:.0f} s.", job.process))
+            popped = False
+            while self.active is None and self.queue:
                 run_dir, resume = self.queue.popleft()
-                process = spawn_worker(run_dir, resume=resume)
+                popped = True
+                try:
+                    if rundir.worker_alive(run_dir, rundir.read_run_status(run_dir, derive=False).pid):
+                        continue  # started meanwhile by another dashboard sharing this runs folder
+                    process = spawn_worker(run_dir, resume=resume)
+                except RunError as error:
+                    self._record(f"why run '{run_dir.name}' did not start", lambda: update_launch(
+                        run_dir, "failed", message="Not started.", error=str(error), queue_position=None))
+                    continue
                 self.active = ActiveJob(run_dir=run_dir, process=process, pid=process.pid)
-                self._refresh_queue_messages()
+            if popped:
+                self._record("the queue positions", self._refresh_queue_messages)
 
     def _refresh_queue_messages(self) -> None:
         for position, (run_dir, _) in enumerate(self.queue, start=1):
@@ -265,16 +325,28 @@ class JobManager:
 
     # ------------------------------------------------------------------ restart recovery
     def recover(self) -> None:
-        """Make the run directories tell the truth after a restart (see module docstring)."""
+        """Make the run directories tell the truth after a restart (see module docstring).
+
+        A run whose files say it is active but whose worker is gone is recorded as
+        interrupted; a live one (started by a CLI or another dashboard) is adopted if this
+        manager has no job; queued runs are queued again. A folder that cannot be read or
+        written, or whose status files are damaged, is left as its row in the runs table
+        describes it: never restarted on a guess.
+        """
         queued = []
         for summary in rundir.list_runs(self.runs_dir):
-            status = rundir.read_run_status(summary.path)
-            if status.active:
-                alive = worker_alive(summary.path, status.pid)
-                if alive and self.active is None:
-                    self.active = ActiveJob(run_dir=summary.path, process=None, pid=status.pid)
-                elif not alive:
-                    mark_dead_worker(summary.path, None, interrupted=True)
+            try:
+                status = rundir.read_run_status(summary.path)
+            except OSError:
+                continue
+            if status.notes:  # damaged status files: never started again on a guess (it may have completed)
+                continue
+            if status.recorded_state is not None:
+                self._record(f"that run '{summary.name}' was interrupted",
+                             lambda: mark_dead_worker(summary.path, None, interrupted=True))
+            elif status.active and self.active is None:
+                pid = rundir.live_worker_pid(summary.path, status.pid) or status.pid
+                self.active = ActiveJob(run_dir=summary.path, process=None, pid=pid)
             elif status.state == "queued":
                 queued.append((status.updated_at or 0, summary.path))
         for _, run_dir in sorted(queued):

@@ -292,14 +292,15 @@ def describe_error(exc: BaseException) -> str:
 class GpuSampler:
     """Samples memory every ``interval_s`` on a daemon thread; keeps ``history_s`` in memory.
 
-    With ``run_dir``, every sample is also appended to ``run_dir/gpu.jsonl``; with ``pid``,
-    each sample measures that process and its children, and sampling ends when it exits.
+    With ``run_dir``, every sample is also appended to ``run_dir/gpu.jsonl`` (a failed append is
+    passed to ``on_write_error``); with ``pid``, each sample measures that process and its
+    children, and sampling ends when it exits.
     ``step()`` takes one sample synchronously (what the thread does each tick), which
     lets tests step deterministically without starting the thread.
     """
 
     def __init__(self, interval_s: float = 1.0, nvml_module: Any = None, history_s: float = 900.0,
-                 run_dir: Path | None = None, pid: int | None = None):
+                 run_dir: Path | None = None, pid: int | None = None, on_write_error=None):
         if interval_s <= 0:
             raise ValueError(f"interval_s must be positive, got {interval_s}")
         self.interval_s = interval_s
@@ -316,6 +317,7 @@ class GpuSampler:
         self._lock = threading.Lock()  # samples and the write error
         self._samples: deque[dict] = deque(maxlen=max(2, int(history_s / interval_s) + 1))
         self._write_error: str | None = None
+        self._on_write_error = on_write_error  # called with the OSError when gpu.jsonl cannot be appended
         self._logged_error: str | None = None
         self._stop_event = threading.Event()
         self._thread: threading.Thread | None = None
@@ -487,6 +489,8 @@ class GpuSampler:
         except OSError as exc:
             with self._lock:
                 self._write_error = f"{path}: {exc.strerror or exc}"
+            if self._on_write_error is not None:
+                self._on_write_error(exc)  # the worker fails the run on a full disk, in words
 
     def _log_error_once(self, error: str | None) -> None:
         # At one sample a second, a persistent error would flood the log.

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.training import rundir
+from engine.training import devices, recovery, rundir
 from engine.config import RunConfig
 from engine.config.build import Runtime, decide_runtime, model_load_kwargs, to_lora_config, to_sft_config
 from engine.errors import LoraLabError
@@ -30,6 +30,7 @@ from engine.training.task_eval import make_task_eval_callback, plan_task_eval
 
 EXIT_FAILED = 1
 EXIT_STOPPED = 3
+EXIT_DUPLICATE = 4  # another live worker already owns this run: this one wrote nothing and left
 SAMPLE_INTERVAL_S = 1.0  # memory samples per second into gpu.jsonl (what the Memory chart draws)
 
 
@@ -232,6 +233,10 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
 
     runtime = decide_runtime(config)
     record_runtime(run_dir, runtime)
+    if not take_device(run_dir, runtime):
+        update_status(run_dir, "stopped", message="Stopped while waiting for the device; nothing was trained.")
+        paths.stop_request.unlink(missing_ok=True)
+        return "stopped"
     update_status(run_dir, message="Finding the base model.")
     model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
@@ -256,11 +261,12 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()  # the training peak, not the loading peak
 
-    checkpoint = rundir.latest_checkpoint(run_dir) if resume else None
-    if resume and checkpoint is None:
-        log("resume asked for, but no checkpoint exists: starting from step 0")
-    elif checkpoint is not None:
-        log(f"resuming from {checkpoint.name}")
+    checkpoint = None
+    if resume:  # the newest complete checkpoint; folders cut short are removed and said
+        checkpoint, sentence = recovery.prepare_resume(run_dir)
+        log(f"resuming from {checkpoint.name}" if checkpoint else "resume: no complete checkpoint")
+        log(sentence)
+        update_status(run_dir, message=sentence)
     args = to_sft_config(config, runtime, paths.checkpoints, has_eval=eval_dataset is not None,
                          resuming=checkpoint is not None)
     update_status(run_dir, message="Tokenizing the dataset.")
@@ -269,7 +275,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     callbacks = ([make_task_eval_callback(run_dir, task_eval, log)] if task_eval else []) + [callback]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=to_lora_config(config),
-                         callbacks=callbacks + ([probe] if probe else []))
+                         callbacks=callbacks + [recovery.callback()] + ([probe] if probe else []))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
@@ -332,21 +338,66 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     run_dir = args.run_dir.resolve()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    # Held from the first instant to the last: readers know the worker is gone when they can take it.
+    global _WORKER_LOCK
+    try:
+        _WORKER_LOCK = rundir.take_worker_lock(run_dir)
+    except LoraLabError as error:
+        print(f"[{time.strftime('%H:%M:%S')}] not started: {error}", file=sys.stderr, flush=True)
+        return EXIT_DUPLICATE
     # The run's memory history, recorded from inside the run however it was started;
     # stopped before the process ends, so the last sample is a reading, not "process exited".
-    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir, pid=os.getpid())
+    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir, pid=os.getpid(),
+                         on_write_error=recovery.note_write_error)
     sampler.start()
     try:
         final = run_training(run_dir, resume=args.resume)
         return 0 if final == "completed" else EXIT_STOPPED
     except BaseException as error:  # noqa: BLE001 - the run directory must say why, whatever it was
-        traceback.print_exc()
-        reason = explain_failure(error)
-        log(f"failed: {reason}")
-        update_status(run_dir, "failed", message="Failed.", error=reason)
+        sampler.stop()  # no more gpu.jsonl appends while the failure is recorded (the disk may be full)
+        reason = recovery.failure_reason(run_dir, error, _last_step(run_dir), explain_failure)
+        for say in (traceback.print_exc, lambda: log(f"failed: {reason}")):
+            try:
+                say()
+            except OSError:
+                pass  # train.log may be on the full disk: status.json below is the record that counts
+        try:
+            update_status(run_dir, "failed", message="Failed.", error=reason)
+        except OSError:
+            print(f"could not record the failure in status.json: {reason}", file=sys.__stderr__, flush=True)
         return EXIT_FAILED
     finally:
         sampler.stop()
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        return rundir.read_run_status(run_dir, derive=False).step
+    except OSError:
+        return 0
+
+
+# ----------------------------------------------------------------------------- one device, one owner
+# Both held until the process ends: a reference each, or the lock would be dropped with its file.
+_WORKER_LOCK = None
+_DEVICE_LOCK = None
+
+
+def take_device(run_dir: Path, runtime: Runtime) -> bool:
+    """Own the training device before loading anything; wait (said in status) while another run has it.
+
+    False when a stop was asked for while waiting.
+    """
+    global _DEVICE_LOCK
+    paths = RunPaths(run_dir)
+
+    def waiting(sentence: str) -> None:
+        log(sentence)
+        update_status(run_dir, message=sentence)
+
+    _DEVICE_LOCK = devices.acquire(devices.device_key(runtime.device), run_dir, waiting,
+                                   stop_asked=paths.stop_request.exists)
+    return _DEVICE_LOCK is not None
 
 
 if __name__ == "__main__":
