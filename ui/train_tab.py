@@ -19,6 +19,7 @@ from engine.chat.ratings import format_win_rate_cell
 from engine.config import (
     METHODS, RunConfig, command_line, config_diff, field_spec, list_presets, load_preset,
 )
+from engine.config.build import boosters_line
 from engine.config.overrides import render_value
 from engine.errors import LoraLabError
 from engine.training import rundir
@@ -36,9 +37,11 @@ FORM_GROUPS: dict[str, list[str]] = {
     "LoRA": ["lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.target_modules"],
     "Training": ["train.learning_rate", "train.lr_scheduler_type", "train.optim", "train.num_train_epochs",
                  "train.max_steps", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-                 "train.max_length", "train.packing", "train.gradient_checkpointing", "train.bf16",
-                 "train.eval_steps", "train.seed"],
+                 "train.max_length", "train.gradient_checkpointing", "train.bf16", "train.eval_steps", "train.seed"],
+    "Boosters": ["model.attn_implementation", "train.padding_free", "train.packing", "train.packing_strategy",
+                 "train.use_liger_kernel"],
 }
+BOOSTER_FIELDS = FORM_GROUPS["Boosters"]
 FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
 
 
@@ -230,6 +233,14 @@ def on_preset(name: str) -> list:
     return config_to_values(config) + [config.method, ""]
 
 
+def boosters_markdown(preset: str, method: str, *values) -> str:
+    """The one-line summary under Start: which boosters the form asks for (the run's log says what ran)."""
+    config, errors = form_to_config(preset, method, *values)
+    if config is None:
+        return "Boosters: fix the form to see them."
+    return boosters_line(config)
+
+
 def on_upload(ctx: AppContext, path: str | None):
     """Copy an uploaded dataset into the runs folder (uploads are temporary) and put its path in the form."""
     if not path:
@@ -364,10 +375,11 @@ def build(ctx: AppContext) -> None:
             with gr.Row():
                 show_command = gr.Button("Show command")
                 start = gr.Button("Start", variant="primary", elem_id="loralab-start")
+            booster_note = gr.Markdown(boosters_line(initial), elem_id="loralab-boosters")
             form_errors = gr.Markdown(elem_id="loralab-form-errors")
             components = {}
             for group, names in FORM_GROUPS.items():
-                with gr.Accordion(group, open=group != "Training"):
+                with gr.Accordion(group, open=group not in ("Training", "Boosters")):
                     for name in names:
                         components[name] = component_for(name, initial.get(name))
                     if group == "Model and data":
@@ -410,6 +422,9 @@ def build(ctx: AppContext) -> None:
 
     # ------------------------------------------------------------------ wiring
     preset.change(on_preset, [preset], form + [method, form_errors], api_name="load_preset")
+    for name in BOOSTER_FIELDS:
+        components[name].change(boosters_markdown, [preset, method] + form, [booster_note], show_progress="hidden",
+                                queue=False)
     upload.upload(partial(on_upload, ctx), [upload], [components["data.path"]])
     show_command.click(on_show_command, [preset, method] + form,
                        form + [form_errors, command, resolved_yaml, command_box], api_name="show_command")

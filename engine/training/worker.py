@@ -20,7 +20,9 @@ from pathlib import Path
 
 from engine.training import rundir
 from engine.config import RunConfig
-from engine.config.build import Runtime, decide_runtime, model_load_kwargs, to_lora_config, to_sft_config
+from engine.config.build import (
+    Runtime, boosters_line, decide_runtime, model_load_kwargs, to_data_collator, to_lora_config, to_sft_config,
+)
 from engine.errors import LoraLabError
 from engine.training.rundir import RunPaths, add_fallback, update_status
 
@@ -234,6 +236,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
 
     runtime = decide_runtime(config)
     record_runtime(run_dir, runtime)
+    log(boosters_line(config))
     update_status(run_dir, message="Finding the base model.")
     model_path = resolve_model_path(config)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
@@ -259,7 +262,8 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     update_status(run_dir, message="Tokenizing the dataset.")
     callback = make_callback(run_dir)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
-                         processing_class=tokenizer, peft_config=to_lora_config(config), callbacks=[callback])
+                         processing_class=tokenizer, peft_config=to_lora_config(config), callbacks=[callback],
+                         data_collator=to_data_collator(config, runtime, tokenizer))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
