@@ -83,7 +83,7 @@ def run_once(name: str, overrides: list[str], train_file: Path, eval_file: Path,
     config = load_preset("demo-lora", [
         f"data.path={train_file}", f"data.eval_path={eval_file}", "data.format=messages", "train.max_steps=-1",
         "train.num_train_epochs=1", "train.eval_steps=100000", "train.save_steps=100000", "train.logging_steps=5",
-        "train.max_length=256", "train.warmup_steps=0.05", *overrides])
+        "train.max_length=256", "train.warmup_steps=0.05", "train.per_device_eval_batch_size=16", *overrides])
     run_dir = rundir.create_run(scratch, config.validate())
     started = time.perf_counter()
     process = subprocess.Popen([sys.executable, "-m", "engine.training.worker", str(run_dir)], cwd=ROOT,
@@ -94,9 +94,11 @@ def run_once(name: str, overrides: list[str], train_file: Path, eval_file: Path,
     status = rundir.read_status(run_dir)
     if process.returncode != 0 or status.get("state") != "completed":
         raise SystemExit(f"{name} failed: {status.get('error')}\n{rundir.log_tail(run_dir, 30)}")
-    evals = [m["eval_loss"] for m in rundir.read_metrics(run_dir) if m.get("eval_loss") is not None]
-    return {"runtime_s": status["train_runtime_s"], "wall_s": wall, "steps": status["step"],
-            "eval_loss": evals[-1], "peak_rss_mib": usage.ru_maxrss / 1024}
+    evals = [m for m in rundir.read_metrics(run_dir) if m.get("eval_loss") is not None]
+    # train_runtime includes the base model's evaluation (eval_on_start); the final one runs after it.
+    start_eval = sum(m.get("eval_runtime_s") or 0 for m in evals if m["step"] == 0)
+    return {"runtime_s": status["train_runtime_s"] - start_eval, "wall_s": wall, "steps": status["step"],
+            "eval_loss": evals[-1]["eval_loss"], "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
 def count_tokens(rows: list[dict], max_length: int) -> int:

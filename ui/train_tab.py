@@ -28,6 +28,7 @@ from ui.context import AppContext
 
 DEFAULT_PRESET = "demo-lora"
 WATCH_LATEST = "(latest run)"
+NO_RUN = "(no run)"  # the tick's key while there is no run to show
 
 # The form's fields, grouped as the page shows them. What each field is (type, label, help,
 # choices, range) comes from its RunConfig metadata (engine.config.field_spec), not from here.
@@ -306,8 +307,12 @@ def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str
     run_dir = resolve_watched(ctx, choice)
     if run_dir is None:
         samples = ctx.sampler.recent(300) if ctx.sampler else []
-        return (status_html(None, ctx), gr.skip(), charts.memory_figure(samples), gr.skip(), gr.skip(),
-                gr.skip(), last_key)
+        # The page is served with empty plots (building Plotly figures costs a second at start-up);
+        # the first tick says why they are empty.
+        blank = last_key != NO_RUN
+        empty = (lambda name: charts.empty_figure("No metrics yet", name)) if blank else (lambda name: gr.skip())
+        return (status_html(None, ctx), empty("loss"), charts.memory_figure(samples), empty("lr-gradnorm"),
+                empty("throughput"), gr.skip(), NO_RUN)
     watcher = monitor.watcher(run_dir)
     key = f"{run_dir.name}:{len(watcher.metrics)}:{len(watcher.gpu_samples)}"
     status_text = status_html(run_dir, ctx, watcher.metrics)
@@ -399,13 +404,13 @@ def build(ctx: AppContext) -> None:
                 resume = gr.Button("Resume", scale=1)
             status = gr.HTML(status_html(resolve_watched(ctx, WATCH_LATEST), ctx), elem_id="loralab-status-box")
             action_note = gr.Markdown()
+            # Served empty: the first timer tick (0.5 s) fills them, so start-up builds no Plotly figure.
             with gr.Row():
-                loss_plot = gr.Plot(charts.empty_figure("No metrics yet", "loss"), label="Loss", elem_id="loralab-loss")
-                memory_plot = gr.Plot(charts.empty_figure("No memory samples yet", "memory"), label="Memory")
+                loss_plot = gr.Plot(label="Loss", elem_id="loralab-loss")
+                memory_plot = gr.Plot(label="Memory")
             with gr.Row():
-                lr_plot = gr.Plot(charts.empty_figure("No metrics yet", "lr-gradnorm"),
-                                  label="Learning rate and gradient norm")
-                speed_plot = gr.Plot(charts.empty_figure("No metrics yet", "throughput"), label="Tokens per second")
+                lr_plot = gr.Plot(label="Learning rate and gradient norm")
+                speed_plot = gr.Plot(label="Tokens per second")
             with gr.Accordion("Log (tail)", open=False):
                 log_box = gr.Code(language=None, label="train.log", interactive=False)
 

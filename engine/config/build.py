@@ -240,6 +240,9 @@ def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, h
         max_length=train.max_length,
         packing=train.packing,
         packing_strategy=train.packing_strategy,
+        # Held-out rows are never packed: a packed run's eval loss then averages the same rows in the
+        # same batches as an unpacked run's (and as its own baseline), so the numbers compare.
+        eval_packing=False,
         # Padding-free without packing goes through ``to_data_collator`` instead (see there).
         padding_free=runtime.padding_free and train.packing,
         use_liger_kernel=runtime.use_liger_kernel,
