@@ -138,7 +138,7 @@ def prepare_for_training(model, s: MemorySettings, reentrant: bool = False):
 
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     if s.liger:
-        apply_liger_stand_ins(model)
+        apply_liger(model)
     if s.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -403,7 +403,25 @@ def train_steps(model, batch: dict, settings: MemorySettings, optimizer, steps: 
     return losses
 
 
-# ----------------------------------------------------------------------------- Liger stand-ins
+# ----------------------------------------------------------------------------- Liger
+def apply_liger(model) -> str:
+    """Liger's kernels as training applies them, or CPU stand-ins; returns which ("liger" or "stand-ins").
+
+    On CUDA with liger-kernel installed this is transformers' ``apply_liger_kernel`` with the
+    fused linear cross-entropy off, as TRL's ``SFTTrainer`` calls it (TRL keeps its own chunked loss).
+    """
+    import importlib.util
+
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if on_cuda and importlib.util.find_spec("liger_kernel") and importlib.util.find_spec("triton"):
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, {"fused_linear_cross_entropy": False})
+        return "liger"
+    apply_liger_stand_ins(model)
+    return "stand-ins"
+
+
 def apply_liger_stand_ins(model) -> None:
     """Liger's RMSNorm and SwiGLU as plain-torch autograd functions that keep what Liger keeps.
 

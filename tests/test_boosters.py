@@ -162,3 +162,82 @@ def test_worker_trains_packed_padding_free_and_logs_the_boosters(demo_model_dir,
     log = rundir.log_tail(run_dir, 400)
     assert "Boosters: packing (bfd) · padding-free (implied by packing) · Liger kernels" in log
     assert any("Liger" in s for s in status["fallbacks"])
+
+
+# ----------------------------------------------------------------------------- bench/gpu_check.sh
+def test_gpu_check_without_a_gpu_says_so_and_exits_zero():
+    import os
+    import subprocess
+
+    from tests.conftest import PROJECT_ROOT
+
+    done = subprocess.run(["bash", "bench/gpu_check.sh"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                          timeout=300, env={**os.environ, "CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("No CUDA GPU here") and "tests/test_memory.py" in done.stdout
+
+
+def test_gpu_check_plan_covers_the_issue_and_prints_predictions():
+    import subprocess
+    import sys
+
+    from bench.gpu_check import plan
+    from tests.conftest import PROJECT_ROOT
+
+    rows = plan()
+    sections = [r["section"] for r in rows]
+    calculator = [r for r in rows if r["section"] in ("method", "calculator", "paged optimizer")]
+    assert sections.count("method") == 2 and len(calculator) >= 6
+    varied = {(r["settings"]["method"], r["settings"]["seq_len"], r["settings"]["gradient_checkpointing"],
+               r["settings"]["batch_size"]) for r in calculator}
+    assert len(varied) >= 6  # method, sequence length, checkpointing and batch all move
+    assert any(r["settings"]["optimizer"].startswith("paged_") for r in rows)
+    boosters = {r["label"] for r in rows if r["section"] == "boosters"}
+    assert {"padded (sdpa)", "padding-free (sdpa)", "packed bfd (sdpa)", "padding-free + flash_attention_2",
+            "padded + Liger kernels"} <= boosters
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--dry-run"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stdout.splitlines() if "dry run: predicted torch" in line]
+    assert len(lines) == len(rows)
+    assert any("will skip: flash-attn is not installed" in line for line in lines)
+
+
+def test_gpu_check_table_and_summary_from_measurements():
+    from bench.gpu_check import arch_for, format_row, plan, prediction, summary_lines
+
+    arch = arch_for(False)
+    specs = {r["label"]: r for r in plan()}
+    qlora, padded, free = specs["QLoRA, 2048 x 2, ckpt on"], specs["padded (sdpa)"], specs["padding-free (sdpa)"]
+    predicted = prediction(arch, qlora)
+    measured = {"torch_peak": predicted.peak_allocated_bytes / 1.1, "nvml_peak": predicted.nvidia_smi_bytes,
+                "sampler_peak": predicted.nvidia_smi_bytes * 0.98, "tokens_per_s": 5000.0, "shapes": [[2, 2048]]}
+    line = format_row(qlora, measured, predicted)
+    assert "+10.0%" in line and " 5000 " in line
+    boosted = {"torch_peak": 2 * 2**30, "nvml_peak": 3 * 2**30, "tokens_per_s": 9000.0, "shapes": [[1, 3000]]}
+    base = {"torch_peak": 4 * 2**30, "nvml_peak": 5 * 2**30, "tokens_per_s": 6000.0, "shapes": [[4, 2048]]}
+    # Varied rows are predicted for the widest batch actually run (padding-free: one row of its tokens).
+    assert prediction(arch, free, [[1, 3000]]).settings["seq_len"] == 3000
+    rows = [(qlora, measured, predicted), (padded, base, prediction(arch, padded, base["shapes"])),
+            (free, boosted, prediction(arch, free, boosted["shapes"])),
+            (specs["padded + Liger kernels"], {"skipped": "skipped: liger-kernel is not installed"}, None)]
+    text = "\n".join(summary_lines(rows))
+    assert "padding-free (sdpa): 1.50x padded tokens/s, torch peak 0.50x" in text
+    assert "GpuSampler" in text and "worst difference 2.0%" in text
+    assert "skipped: liger-kernel" in format_row(*rows[3])
+
+
+@pytest.mark.slow
+def test_gpu_check_pipeline_runs_on_the_cpu_with_a_tiny_model():
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    done = subprocess.run([sys.executable, "bench/gpu_check.py", "--smoke", "--steps", "3"], cwd=PROJECT_ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    rows = [line for line in done.stdout.splitlines() if line.startswith(("method", "boosters"))]
+    assert len(rows) == 2 and not any("failed" in row for row in rows), done.stdout
+    assert all("sampler: process_rss" in row for row in rows)  # the real sampler, on its CPU fallback
+    assert "widest batch 1 x" in rows[1]  # padding-free rows through TRL's collator
