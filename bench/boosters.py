@@ -101,15 +101,15 @@ def run_once(name: str, overrides: list[str], train_file: Path, eval_file: Path,
             "eval_loss": evals[-1]["eval_loss"], "peak_rss_mib": usage.ru_maxrss / 1024}
 
 
-def count_tokens(rows: list[dict], max_length: int) -> int:
-    """Non-padding tokens of one epoch: each row's chat-template tokens, truncated as TRL truncates."""
+def row_lengths(rows: list[dict], max_length: int) -> list[int]:
+    """Each row's chat-template tokens with the demo tokenizer, truncated at max_length as TRL truncates."""
     from transformers import AutoTokenizer
 
     from engine.demo import ensure_demo_model
 
     tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(log=lambda *_: None))
-    return sum(min(len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"]),
-                   max_length) for row in rows)
+    return [min(max_length, len(tokenizer.apply_chat_template(row["messages"], tokenize=True,
+                                                              return_dict=True)["input_ids"])) for row in rows]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -124,16 +124,18 @@ def main(argv: list[str] | None = None) -> int:
     ensure_demo_model(log=lambda *_: None)
     scratch = Path(tempfile.mkdtemp(prefix="loralab-boosters-"))
     train_rows, eval_rows = varied_rows(args.rows, seed=1), varied_rows(96, seed=2)
-    train_file, eval_file = write_rows(train_rows, scratch / "train.jsonl"), write_rows(eval_rows, scratch / "eval.jsonl")
-    tokens = count_tokens(train_rows, 256)
-    lengths = sorted(min(256, n) for n in _lengths(train_rows))
+    train_file = write_rows(train_rows, scratch / "train.jsonl")
+    eval_file = write_rows(eval_rows, scratch / "eval.jsonl")
+    lengths = sorted(row_lengths(train_rows, 256))
+    tokens = sum(lengths)
     mean = tokens / len(train_rows)
     # Packed rows are about max_length long: as many of them per step as a padded step has tokens.
     packed_batch = max(1, round(args.batch * mean / 256))
     print(f"dataset: {len(train_rows)} rows, {tokens} tokens; length median {lengths[len(lengths) // 2]}, "
           f"mean {mean:.0f}, p90 {lengths[int(0.9 * len(lengths))]}, max {lengths[-1]}")
     print(f"batch: {args.batch} rows (padded, padding-free), {packed_batch} packed rows of <= 256 tokens")
-    contenders = {name: [*extra, f"train.per_device_train_batch_size={packed_batch if name == 'packed' else args.batch}"]
+    batch_of = {"packed": packed_batch}
+    contenders = {name: [*extra, f"train.per_device_train_batch_size={batch_of.get(name, args.batch)}"]
                   for name, extra in CONTENDERS.items()}
     results: dict[str, list[dict]] = {name: [] for name in contenders}
     for index in range(args.runs):
@@ -156,15 +158,6 @@ def main(argv: list[str] | None = None) -> int:
     print("(peak RSS is the worker process's, tokens/s the dataset's non-padding tokens over train_runtime; "
           "the machine is shared, so single runs are noisy: compare medians)")
     return 0
-
-
-def _lengths(rows):
-    from transformers import AutoTokenizer
-
-    from engine.demo import ensure_demo_model
-
-    tokenizer = AutoTokenizer.from_pretrained(ensure_demo_model(log=lambda *_: None))
-    return [len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows]
 
 
 def _summary(runs: list[dict]) -> dict:

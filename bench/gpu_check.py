@@ -179,7 +179,7 @@ def measure_one(spec: dict, cache_dir: Path, steps: int, smoke: bool) -> dict:
     sampler.attach(Path(tempfile.mkdtemp(prefix="loralab-gpu-check-")), os.getpid())
     import torch
 
-    from bench.memory_harness import apply_liger, build_model, forward_loss, make_optimizer, prepare_for_training
+    from bench.memory_harness import apply_liger, build_model, forward_loss, make_optimizer
 
     arch = arch_for(smoke)
     liger = settings.liger
@@ -295,10 +295,12 @@ def summary_lines(rows: list[tuple[dict, dict, object]]) -> list[str]:
     if errors:
         lines.append(f"calculator vs torch peak: {len(errors)} configurations, worst |error| {max(errors):.1%}, "
                      f"mean {statistics.mean(errors):.1%}")
-    pairs = [(res["sampler_peak"], res["nvml_peak"]) for _, res, _ in done if res.get("sampler_peak") and res.get("nvml_peak")]
+    pairs = [(res["sampler_peak"], res["nvml_peak"]) for _, res, _ in done
+             if res.get("sampler_peak") and res.get("nvml_peak")]
     if pairs:
         worst = max(abs(a - b) / b for a, b in pairs)
-        lines.append(f"GpuSampler (NVML per-process) vs NVML device peak: worst difference {worst:.1%} over {len(pairs)} runs")
+        lines.append(f"GpuSampler (NVML per-process) vs NVML device peak: worst difference {worst:.1%} "
+                     f"over {len(pairs)} runs")
     boosters = {spec["label"]: res for spec, res, _ in done if spec["section"] == "boosters"}
     base = next((res for label, res in boosters.items() if label.startswith("padded (")), None)
     if base and base.get("tokens_per_s"):

@@ -14,7 +14,13 @@ import pytest
 
 from engine.config import load_preset
 from engine.config.build import (
-    boosters, boosters_line, decide_runtime, is_padding_free, model_load_kwargs, to_data_collator, to_lora_config,
+    boosters,
+    boosters_line,
+    decide_runtime,
+    is_padding_free,
+    model_load_kwargs,
+    to_data_collator,
+    to_lora_config,
     to_sft_config,
 )
 

@@ -3,11 +3,12 @@
 ``decide_runtime`` settles device, precision, optimizer, 4-bit compute dtype and the speed
 boosters (attention kernel, padding-free batches, Liger kernels), and says in words every
 setting it could not honour (paged optimizers without CUDA, bf16 without a GPU that has it,
-FlashAttention 2 or Liger without what they need...). ``to_lora_config``, ``to_bnb_config``, ``model_load_kwargs`` and
-``to_sft_config`` then build PEFT's, transformers' and TRL's objects from the config and that
-runtime. The worker, chat, export, the memory harness and the benches all call these, so a
-field added to ``RunConfig`` reaches every place that loads or trains a model at once (TRL's
-``get_peft_config`` / ``get_quantization_config`` play the same role there).
+FlashAttention 2 or Liger without what they need...). ``to_lora_config``, ``to_bnb_config``,
+``model_load_kwargs``, ``to_sft_config`` and ``to_data_collator`` then build PEFT's,
+transformers' and TRL's objects from the config and that runtime. The worker, chat, export,
+the memory harness and the benches all call these, so a field added to ``RunConfig`` reaches
+every place that loads or trains a model at once (TRL's ``get_peft_config`` /
+``get_quantization_config`` play the same role there).
 """
 
 from __future__ import annotations
@@ -245,6 +246,9 @@ def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, h
         eval_packing=False,
         # Padding-free without packing goes through ``to_data_collator`` instead (see there).
         padding_free=runtime.padding_free and train.packing,
+        # transformers' switch, applied by Trainer with Liger's fused loss off (TRL keeps its own chunked
+        # loss). TRL 1.16 calls it deprecated in favour of Hub kernels (model_init_kwargs use_kernels), which
+        # download kernel code from the Hub at run time; the installed liger-kernel package works offline.
         use_liger_kernel=runtime.use_liger_kernel,
         assistant_only_loss=train.assistant_only_loss,
         gradient_checkpointing=train.gradient_checkpointing,

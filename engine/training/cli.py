@@ -101,6 +101,9 @@ def train_main(argv: list[str]) -> int:
 
     process = spawn_worker(run_dir)
     print(f"run {run_dir.name} started (worker pid {process.pid}); log: {rundir.RunPaths(run_dir).log}")
+    from engine.config.build import boosters_line
+
+    print(boosters_line(config))  # what the config asks for; fallbacks follow as notes
     if args.detach:
         return 0
     state = follow(run_dir, process)
