@@ -247,3 +247,22 @@ def test_gpu_check_pipeline_runs_on_the_cpu_with_a_tiny_model():
     assert len(rows) == 2 and not any("failed" in row for row in rows), done.stdout
     assert all("sampler: process_rss" in row for row in rows)  # the real sampler, on its CPU fallback
     assert "widest batch 1 x" in rows[1]  # padding-free rows through TRL's collator
+
+
+# ----------------------------------------------------------------------------- start-up
+def test_train_plots_are_served_empty_and_filled_by_the_first_tick(tmp_path):
+    import gradio as gr
+
+    from ui import train_tab
+    from ui.context import AppContext
+
+    ctx = AppContext(runs_dir=tmp_path, exports_dir=tmp_path)
+    with gr.Blocks():
+        train_tab.build(ctx)
+    monitor = train_tab.Monitor(ctx)
+    status, loss, memory, lr, speed, log, key = train_tab.on_tick(ctx, monitor, train_tab.WATCH_LATEST, "")
+    assert "No runs yet" in status and key == train_tab.NO_RUN
+    for figure in (loss, lr, speed):
+        assert [a.text for a in figure.layout.annotations] == ["No metrics yet"]
+    again = train_tab.on_tick(ctx, monitor, train_tab.WATCH_LATEST, key)
+    assert again[1] == again[3] == again[4] == gr.skip()  # nothing resent while there is still no run
