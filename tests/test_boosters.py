@@ -1,6 +1,6 @@
 """Speed boosters: padding-free and packed batches, Liger kernels, the attention kernel.
 
-* padding-free batches train the same loss as padded ones on every attention path the CPU
+* padding-free batches give the same loss as padded ones on every attention path the CPU
   has (sdpa and eager get transformers 5's block-diagonal mask from the position ids), and a
   flattened batch *without* position ids does not (so the comparison can fail);
 * padding-free without packing keeps rows truncated at max_length (TRL's own collator);
@@ -48,18 +48,21 @@ def _trainer(model_dir, tmp_path, overrides: list[str], rows: list[dict]):
                       peft_config=to_lora_config(config), data_collator=to_data_collator(config, runtime, tokenizer))
 
 
-def test_padding_free_trains_the_same_loss_as_padded_batches_on_sdpa_and_eager(demo_model_dir, tmp_path):
+def test_padding_free_gives_the_same_loss_as_padded_batches_on_sdpa_and_eager(demo_model_dir, tmp_path):
     import torch
 
     torch.manual_seed(0)
     rows = _rows(18)
     losses = {}
     for attn in ("sdpa", "eager"):
-        for padding_free in (False, True):
-            trainer = _trainer(demo_model_dir, tmp_path, [f"model.attn_implementation={attn}",
-                                                         f"train.padding_free={str(padding_free).lower()}"], rows)
+        trainer = _trainer(demo_model_dir, tmp_path, [f"model.attn_implementation={attn}"], rows)
+        padded_collator = trainer.data_collator
+        free = load_preset("demo-lora", [f"model.attn_implementation={attn}", "train.padding_free=true"])
+        free_collator = to_data_collator(free, decide_runtime(free), trainer.processing_class)
+        for padding_free, collator in ((False, padded_collator), (True, free_collator)):
+            trainer.data_collator = collator  # the same model and rows, batched both ways
             losses[attn, padding_free] = trainer.evaluate()["eval_loss"]
-            batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(6)])
+            batch = collator([trainer.eval_dataset[i] for i in range(6)])
             if padding_free:
                 assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
                 assert int((batch["position_ids"][0] == 0).sum()) == 6  # one position reset per row
