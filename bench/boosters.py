@@ -21,7 +21,7 @@ It prints non-padding tokens per CPU-second and per wall-second, peak memory (th
 peak RSS: this is the CPU), the final eval loss, and the ratios to padded. Targets on the CPU:
 padding-free or packed >= 1.3x padded tokens/s at equal or lower peak memory, eval loss within 2%.
 
-    python bench/boosters.py [--runs 3] [--rows 480] [--batch 16]
+    python bench/boosters.py [--runs 2] [--rows 640] [--batch 16]
 """
 
 from __future__ import annotations
@@ -159,8 +159,8 @@ def row_lengths(rows: list[dict], max_length: int) -> list[int]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3, help="runs of each contender, alternated")
-    parser.add_argument("--rows", type=int, default=480, help="training rows")
+    parser.add_argument("--runs", type=int, default=2, help="runs of each contender, alternated")
+    parser.add_argument("--rows", type=int, default=640, help="training rows (16 per step: 40 steps)")
     parser.add_argument("--batch", type=int, default=16, help="rows per padded / padding-free batch")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # internal: one training run, printed as JSON
     args = parser.parse_args(argv)
