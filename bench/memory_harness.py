@@ -14,6 +14,8 @@ torch, transformers, peft and bitsandbytes are imported inside the functions.
 
 from __future__ import annotations
 
+import functools
+import json
 import tempfile
 import weakref
 from pathlib import Path
@@ -103,6 +105,8 @@ def prepare_for_training(model, s: MemorySettings, reentrant: bool = False):
         from trl.trainer.utils import add_fused_lm_head
 
         add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    if s.liger:
+        apply_liger(model)
     if s.method == "full":
         for param in model.parameters():
             param.requires_grad_(True)
@@ -124,11 +128,20 @@ def prepare_for_training(model, s: MemorySettings, reentrant: bool = False):
 
 
 def make_batch(arch: ModelArch, settings: MemorySettings, device: str = "cpu", seed: int = 0) -> dict:
-    """Random token ids of the requested shape; with ``padded`` the last row ends in one pad token."""
+    """Random token ids of the requested shape; with ``padded`` the last row ends in one pad token.
+
+    With ``padding_free`` the rows go through TRL's padding-free collator, as training does:
+    one row of all tokens, per-row position ids and the varlen boundaries (``cu_seq_lens_*``).
+    """
     import torch
 
     generator = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, arch.vocab_size, (settings.batch_size, settings.seq_len), generator=generator)
+    if settings.padding_free:
+        from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": row} for row in ids.tolist()])
+        return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
     batch = {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
     if settings.padded:
         mask = torch.ones_like(ids)
@@ -281,3 +294,101 @@ def train_steps(model, batch: dict, settings: MemorySettings, optimizer, steps: 
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
     return losses
+
+
+# ----------------------------------------------------------------------------- Liger
+def apply_liger(model) -> str:
+    """Liger's kernels as training applies them, or CPU stand-ins; returns which ("liger" or "stand-ins").
+
+    On CUDA with liger-kernel installed this is transformers' ``apply_liger_kernel`` with the
+    fused linear cross-entropy off, as TRL's ``SFTTrainer`` calls it (TRL keeps its own chunked loss).
+    """
+    import importlib.util
+
+    on_cuda = next(model.parameters()).device.type == "cuda"
+    if on_cuda and importlib.util.find_spec("liger_kernel") and importlib.util.find_spec("triton"):
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, {"fused_linear_cross_entropy": False})
+        return "liger"
+    apply_liger_stand_ins(model)
+    return "stand-ins"
+
+
+def apply_liger_stand_ins(model) -> None:
+    """Liger's RMSNorm and SwiGLU as plain-torch autograd functions that keep what Liger keeps.
+
+    Liger's kernels are Triton and need a GPU. These stand-ins compute the same values in torch
+    and call ``ctx.save_for_backward`` with the same tensors as ``liger_kernel.ops.rms_norm``
+    (``X, W, RSTD``) and ``liger_kernel.ops.swiglu`` (``a, b``), patched onto the modules the
+    way ``_apply_liger_kernel_to_instance`` patches them, so the CPU proofs can check the
+    estimator's Liger bookkeeping; bench/gpu_check.sh measures the real kernels.
+    """
+    import types
+
+    for module in model.modules():
+        kind = type(module).__name__
+        if kind.endswith("RMSNorm") and hasattr(module, "weight"):
+            module.forward = types.MethodType(_rms_norm_forward, module)
+        elif kind.endswith("MLP") and hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+            module.forward = types.MethodType(_swiglu_forward, module)
+
+
+def _rms_norm_forward(self, hidden_states):
+    return _LigerRMSNormStandIn.apply(hidden_states, self.weight, getattr(self, "variance_epsilon", 1e-6))
+
+
+def _swiglu_forward(self, x):
+    return self.down_proj(_LigerSiLUMulStandIn.apply(self.gate_proj(x), self.up_proj(x)))
+
+
+@functools.cache
+def _stand_in_classes():
+    import torch
+
+    class RMSNorm(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, weight, eps):
+            x32 = x.float()
+            rstd = torch.rsqrt(x32.pow(2).mean(-1) + eps)  # fp32, one per row
+            y = ((x32 * rstd.unsqueeze(-1)) * weight.float()).to(x.dtype)
+            ctx.save_for_backward(x, weight, rstd)
+            return y
+
+        @staticmethod
+        def backward(ctx, dy):
+            x, weight, rstd = ctx.saved_tensors
+            x_hat = x.float() * rstd.unsqueeze(-1)
+            g = dy.float() * weight.float()
+            dx = rstd.unsqueeze(-1) * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
+            dw = (dy.float() * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            return dx.to(x.dtype), dw, None
+
+    class SiLUMul(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, a, b):
+            ctx.save_for_backward(a, b)
+            return (torch.nn.functional.silu(a.float()) * b.float()).to(a.dtype)
+
+        @staticmethod
+        def backward(ctx, dc):
+            a, b = ctx.saved_tensors
+            a32, sig = a.float(), torch.sigmoid(a.float())
+            da = dc.float() * b.float() * sig * (1 + a32 * (1 - sig))
+            db = dc.float() * a32 * sig
+            return da.to(a.dtype), db.to(b.dtype)
+
+    return RMSNorm, SiLUMul
+
+
+class _Lazy:
+    """Builds the torch classes on first use, so importing this module stays torch-free."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def apply(self, *args):
+        return _stand_in_classes()[self.index].apply(*args)
+
+
+_LigerRMSNormStandIn, _LigerSiLUMulStandIn = _Lazy(0), _Lazy(1)

@@ -137,7 +137,7 @@ def test_numbers_are_finite_and_within_sane_ranges(override, field, words):
     assert words in str(errors[0])
 
 
-def test_choices_come_from_transformers_enums_without_importing_it():
+def test_choices_come_from_transformers_and_trl_without_importing_them():
     import subprocess
     import sys
 
@@ -145,7 +145,11 @@ def test_choices_come_from_transformers_enums_without_importing_it():
             "o, s = optimizer_names(), scheduler_names(); assert 'transformers' not in sys.modules; "
             "from transformers.trainer_utils import SchedulerType; from transformers.training_args import "
             "OptimizerNames; assert s == tuple(e.value for e in SchedulerType), s; "
-            "assert o == tuple(e.value for e in OptimizerNames), o; print(len(o), len(s))")
+            "assert o == tuple(e.value for e in OptimizerNames), o; "
+            "from engine.config.choices import packing_strategies; p = packing_strategies(); "
+            "assert 'trl' not in sys.modules; import dataclasses; from trl import SFTConfig; "
+            "assert list(p) == {f.name: f for f in dataclasses.fields(SFTConfig)}['packing_strategy']"
+            ".metadata['choices'], p; print(len(o), len(s))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     optimizers, schedulers = map(int, done.stdout.split())

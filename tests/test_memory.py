@@ -138,6 +138,16 @@ ACTIVATION_CASES = [
     ("gemma2", dict(method="lora", seq_len=64, gradient_checkpointing=False, loss="full_logits")),
     ("phi3", dict(method="qlora", seq_len=64, gradient_checkpointing=False)),
     ("phi3", dict(method="full", seq_len=64, gradient_checkpointing=True)),
+    # Padding-free batches (TRL's collator: one row of all tokens, per-row position ids): sdpa and
+    # eager get transformers' block-diagonal mask; with checkpointing, a QLoRA base and GQA.
+    ("llama", dict(method="lora", seq_len=48, gradient_checkpointing=False, padding_free=True)),
+    ("llama", dict(method="lora", seq_len=48, gradient_checkpointing=False, padding_free=True, attn="eager")),
+    ("llama", dict(method="qlora", seq_len=48, gradient_checkpointing=True, padding_free=True)),
+    ("qwen2", dict(method="qlora", seq_len=48, gradient_checkpointing=False, padding_free=True)),
+    # Liger's RMSNorm and SwiGLU (CPU stand-ins that keep what the Triton kernels keep).
+    ("llama", dict(method="lora", seq_len=64, gradient_checkpointing=False, liger=True)),
+    ("llama", dict(method="qlora", seq_len=64, gradient_checkpointing=False, liger=True, padding_free=True)),
+    ("llama", dict(method="full", seq_len=64, gradient_checkpointing=False, liger=True)),
 ]
 
 
@@ -161,6 +171,8 @@ PEAK_CASES = [
     dict(method="qlora", gradient_checkpointing=False, loss="full_logits"),
     dict(method="full", gradient_checkpointing=True, loss="full_logits", optimizer="adamw_torch"),
     dict(method="qlora", gradient_checkpointing=True, loss="chunked"),
+    dict(method="lora", gradient_checkpointing=False, loss="chunked", padding_free=True),
+    dict(method="qlora", gradient_checkpointing=False, loss="chunked", liger=True),
 ]
 
 
@@ -215,6 +227,44 @@ def test_full_logits_region_dominates_long_contexts_on_large_vocabularies():
     assert full.terms["logits_and_loss"] == 4 * logits  # the fp32 log-softmax kept for backward
     assert full.dominant_term() in ("logits_and_loss", "transient_buffers")
     assert chunked.peak_allocated_bytes < full.peak_allocated_bytes - 8 * logits
+
+
+def test_boosters_move_the_terms_they_touch():
+    arch = load_arch("llama-3.2-1b")
+    base = dict(method="qlora", batch_size=4, seq_len=2048)
+    est = {name: estimate(arch, MemorySettings(**base, **extra)) for name, extra in {
+        "padded": dict(padded=True), "padding-free": dict(padding_free=True),
+        "padded flash": dict(padded=True, attn="flash"), "padding-free flash": dict(padding_free=True, attn="flash"),
+        "liger": dict(padded=True, liger=True)}.items()}
+    # sdpa: the block-diagonal mask spans all 8192 tokens of the batch (batch x more than padded masks).
+    assert est["padding-free"].terms["activations"] > est["padded"].terms["activations"]
+    assert any("block-diagonal" in note for note in est["padding-free"].notes)
+    # flash: no mask either way, and no gathering of unpadded tokens.
+    assert est["padding-free flash"].terms["activations"] < est["padded flash"].terms["activations"]
+    assert not est["padding-free flash"].notes
+    # Liger keeps each norm's input instead of an fp32 copy, and two MLP tensors instead of three.
+    assert est["liger"].activation_breakdown.get("MLP: gate (Liger)")
+    assert est["liger"].peak_allocated_bytes < est["padded"].peak_allocated_bytes
+    # Liger's fused linear cross-entropy removes the logits term a plain transformers loss keeps.
+    full = estimate(arch, MemorySettings(**base, loss="full_logits"))
+    fused = estimate(arch, MemorySettings(**base, loss="full_logits", liger=True))
+    assert full.terms["logits_and_loss"] > 2 * 2**30 and fused.terms["logits_and_loss"] == 0
+    assert fused.peak_allocated_bytes < full.peak_allocated_bytes - 2 * 2**30
+    assert "Liger" in fused.explanations["logits_and_loss"]
+
+
+def test_run_config_boosters_map_to_the_settings():
+    from engine.config import RunConfig
+
+    packed = RunConfig.from_dict({"model": {"name_or_path": "llama-3.2-1b", "attn_implementation": "flash_attention_2"},
+                                  "train": {"packing": True, "use_liger_kernel": True,
+                                            "per_device_train_batch_size": 4}})
+    _, s = settings_from_run_config(packed)
+    assert (s.padding_free, s.padded, s.liger, s.attn) == (True, False, True, "flash")
+    wrapped = RunConfig.from_dict({"train": {"packing": True, "packing_strategy": "wrapped"}})
+    assert not settings_from_run_config(wrapped)[1].padding_free
+    free = RunConfig.from_dict({"train": {"padding_free": True, "per_device_train_batch_size": 4}})
+    assert settings_from_run_config(free)[1].padding_free and not settings_from_run_config(free)[1].padded
 
 
 def test_published_fits():
@@ -319,6 +369,10 @@ def test_cli_table_and_errors(capsys):
     assert cli_main(["--model", "nowhere/at-all-9b"]) == 2
     assert "error:" in capsys.readouterr().err
     assert cli_main(["--dims", "2048,16,32,8,8192,128256", "--method", "lora"]) == 0
+    capsys.readouterr()
+    assert cli_main(["--model", "llama-3.2-1b", "--batch", "4", "--packing", "--liger"]) == 0
+    out = capsys.readouterr().out
+    assert "(padding-free)" in out and "Liger kernels" in out and "block-diagonal" in out
 
 
 def test_estimator_and_tab_do_not_import_torch():

@@ -29,7 +29,8 @@ def test_cpu_fallbacks_are_recorded_in_words(tmp_path):
     config = load_preset("qlora")
     run_dir = rundir.create_run(tmp_path, config)
     runtime = decide_runtime(config)
-    assert runtime.as_dict() == {"device": "cpu", "bf16": False, "optim": "adamw_torch", "compute_dtype": "float32"}
+    assert runtime.as_dict() == {"device": "cpu", "bf16": False, "optim": "adamw_torch", "compute_dtype": "float32",
+                                 "attn_implementation": "sdpa", "padding_free": False, "use_liger_kernel": False}
     record_runtime(run_dir, runtime)
     fallbacks = rundir.read_status(run_dir)["fallbacks"]
     assert any("paged_adamw_32bit" in f and "adamw_torch" in f for f in fallbacks)

@@ -67,7 +67,7 @@ def resolve_arch(source: str, catalog_id: str | None, folder: str | None, dims: 
 # The form holds a MemorySettings field per component (same names), plus the model and the GPU.
 SETTING_FIELDS = ("method", "rank", "alpha", "targets", "dora", "lora_dropout", "batch_size", "seq_len",
                   "gradient_checkpointing", "optimizer", "compute_dtype", "double_quant", "attn", "loss",
-                  "kbit_upcast")
+                  "kbit_upcast", "padding_free", "liger")
 MODEL_FIELDS = ("source", "catalog_id", "folder", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
 INT_SETTINGS = ("rank", "alpha", "batch_size", "seq_len")
 
@@ -524,6 +524,8 @@ def build(ctx) -> None:
                 loss = gr.Dropdown([("chunked (TRL fused LM head)", "chunked"),
                                     ("full logits (transformers loss)", "full_logits")],
                                    value="chunked", label="loss")
+                padding_free = gr.Checkbox(False, label="padding-free batches (padding_free, or bfd packing)")
+                liger = gr.Checkbox(False, label="Liger kernels")
             gpu = gr.Dropdown(list(GPUS), value=DEFAULT_GPU, label="GPU")
     estimate_button = gr.Button("Estimate", variant="primary")
     figure = gr.Plot(label="Full vs LoRA vs QLoRA")
@@ -536,7 +538,7 @@ def build(ctx) -> None:
                   "method": method, "rank": rank, "alpha": alpha, "targets": targets, "dora": dora,
                   "lora_dropout": dropout, "batch_size": batch, "seq_len": seq_len, "gradient_checkpointing": grad_ckpt,
                   "optimizer": optimizer, "compute_dtype": dtype, "double_quant": double_quant, "attn": attn,
-                  "loss": loss, "kbit_upcast": kbit_upcast, "gpu": gpu}
+                  "loss": loss, "kbit_upcast": kbit_upcast, "padding_free": padding_free, "liger": liger, "gpu": gpu}
     estimate = partial(estimate_from_components, components)
     inputs = set(components.values())
     estimate_button.click(estimate, inputs, [figure, table, summary])

@@ -21,6 +21,7 @@ from engine.chat.ratings import format_win_rate_cell
 from engine.config import (
     METHODS, RunConfig, command_line, config_diff, field_spec, list_presets, load_preset,
 )
+from engine.config.build import boosters_line
 from engine.config.overrides import render_value
 from engine.errors import LoraLabError
 from engine.training import rundir
@@ -29,6 +30,7 @@ from ui.context import AppContext
 
 DEFAULT_PRESET = "demo-lora"
 WATCH_LATEST = "(latest run)"
+NO_RUN = "(no run)"  # the tick's key while there is no run to show
 
 # The form's fields, grouped as the page shows them. What each field is (type, label, help,
 # choices, range) comes from its RunConfig metadata (engine.config.field_spec), not from here.
@@ -38,10 +40,12 @@ FORM_GROUPS: dict[str, list[str]] = {
     "LoRA": ["lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.target_modules"],
     "Training": ["train.learning_rate", "train.lr_scheduler_type", "train.optim", "train.num_train_epochs",
                  "train.max_steps", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-                 "train.max_length", "train.packing", "train.gradient_checkpointing", "train.bf16",
-                 "train.eval_steps", "train.seed"],
+                 "train.max_length", "train.gradient_checkpointing", "train.bf16", "train.eval_steps", "train.seed"],
+    "Boosters": ["model.attn_implementation", "train.padding_free", "train.packing", "train.packing_strategy",
+                 "train.use_liger_kernel"],
     "Task metric": ["eval.metric", "eval.num_samples", "eval.max_new_tokens", "eval.schema_path", "eval.pattern"],
 }
+BOOSTER_FIELDS = FORM_GROUPS["Boosters"]
 FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
 
 
@@ -337,6 +341,14 @@ def on_preset(name: str) -> list:
     return config_to_values(config) + [config.method, ""]
 
 
+def boosters_markdown(preset: str, method: str, *values) -> str:
+    """The one-line summary under Start: which boosters the form asks for (the run's log says what ran)."""
+    config, errors = form_to_config(preset, method, *values)
+    if config is None:
+        return "Boosters: fix the form to see them."
+    return boosters_line(config)
+
+
 def on_upload(ctx: AppContext, path: str | None):
     """Copy an uploaded dataset into the runs folder (uploads are temporary) and put its path in the form."""
     if not path:
@@ -408,8 +420,12 @@ def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str
     run_dir = resolve_watched(ctx, choice)
     if run_dir is None:
         samples = ctx.sampler.recent(300) if ctx.sampler else []
-        return (status_html(None, ctx), gr.skip(), charts.memory_figure(samples), gr.skip(), gr.skip(),
-                gr.skip(), last_key)
+        # The page is served with empty plots (building Plotly figures costs a second at start-up);
+        # the first tick says why they are empty.
+        blank = last_key != NO_RUN
+        empty = (lambda name: charts.empty_figure("No metrics yet", name)) if blank else (lambda name: gr.skip())
+        return (status_html(None, ctx), empty("loss"), charts.memory_figure(samples), empty("lr-gradnorm"),
+                empty("throughput"), gr.skip(), NO_RUN)
     metrics, samples, metrics_version, samples_version = monitor.viewed(run_dir).snapshot()
     key = f"{run_dir.name}:{metrics_version}:{samples_version}"
     status = rundir.read_status(run_dir)
@@ -484,10 +500,11 @@ def build(ctx: AppContext) -> None:
             with gr.Row():
                 show_command = gr.Button("Show command")
                 start = gr.Button("Start", variant="primary", elem_id="loralab-start")
+            booster_note = gr.Markdown(boosters_line(initial), elem_id="loralab-boosters")
             form_errors = gr.Markdown(elem_id="loralab-form-errors")
             components = {}
             for group, names in FORM_GROUPS.items():
-                with gr.Accordion(group, open=group not in ("Training", "Task metric")):
+                with gr.Accordion(group, open=group not in ("Training", "Boosters", "Task metric")):
                     for name in names:
                         components[name] = component_for(name, initial.get(name))
                     if group == "Model and data":
@@ -507,13 +524,13 @@ def build(ctx: AppContext) -> None:
                 resume = gr.Button("Resume", scale=1)
             status = gr.HTML(status_html(resolve_watched(ctx, WATCH_LATEST), ctx), elem_id="loralab-status-box")
             action_note = gr.Markdown()
+            # Served empty: the first timer tick (0.5 s) fills them, so start-up builds no Plotly figure.
             with gr.Row():
-                loss_plot = gr.Plot(charts.empty_figure("No metrics yet", "loss"), label="Loss", elem_id="loralab-loss")
-                memory_plot = gr.Plot(charts.empty_figure("No memory samples yet", "memory"), label="Memory")
+                loss_plot = gr.Plot(label="Loss", elem_id="loralab-loss")
+                memory_plot = gr.Plot(label="Memory")
             with gr.Row():
-                lr_plot = gr.Plot(charts.empty_figure("No metrics yet", "lr-gradnorm"),
-                                  label="Learning rate and gradient norm")
-                speed_plot = gr.Plot(charts.empty_figure("No metrics yet", "throughput"), label="Tokens per second")
+                lr_plot = gr.Plot(label="Learning rate and gradient norm")
+                speed_plot = gr.Plot(label="Tokens per second")
             with gr.Accordion("Log (tail)", open=False):
                 log_box = gr.Code(language=None, label="train.log", interactive=False)
 
@@ -530,6 +547,9 @@ def build(ctx: AppContext) -> None:
 
     # ------------------------------------------------------------------ wiring
     preset.change(on_preset, [preset], form + [method, form_errors], api_name="load_preset")
+    for name in BOOSTER_FIELDS:
+        components[name].change(boosters_markdown, [preset, method] + form, [booster_note], show_progress="hidden",
+                                queue=False)
     upload.upload(partial(on_upload, ctx), [upload], [components["data.path"]])
     show_command.click(on_show_command, [preset, method] + form,
                        form + [form_errors, command, resolved_yaml, command_box], api_name="show_command")

@@ -1,16 +1,19 @@
 """The one place a ``RunConfig`` becomes library objects, and what this machine can honour of it.
 
-``decide_runtime`` settles device, precision, optimizer and 4-bit compute dtype, and says in
-words every setting it could not honour (paged optimizers without CUDA, bf16 without a GPU
-that has it...). ``to_lora_config``, ``to_bnb_config``, ``model_load_kwargs`` and
-``to_sft_config`` then build PEFT's, transformers' and TRL's objects from the config and that
-runtime. The worker, chat, export, the memory harness and the benches all call these, so a
-field added to ``RunConfig`` reaches every place that loads or trains a model at once (TRL's
-``get_peft_config`` / ``get_quantization_config`` play the same role there).
+``decide_runtime`` settles device, precision, optimizer, 4-bit compute dtype and the speed
+boosters (attention kernel, padding-free batches, Liger kernels), and says in words every
+setting it could not honour (paged optimizers without CUDA, bf16 without a GPU that has it,
+FlashAttention 2 or Liger without what they need...). ``to_lora_config``, ``to_bnb_config``,
+``model_load_kwargs``, ``to_sft_config`` and ``to_data_collator`` then build PEFT's,
+transformers' and TRL's objects from the config and that runtime. The worker, chat, export,
+the memory harness and the benches all call these, so a field added to ``RunConfig`` reaches
+every place that loads or trains a model at once (TRL's ``get_peft_config`` /
+``get_quantization_config`` play the same role there).
 """
 
 from __future__ import annotations
 
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,10 +32,52 @@ class Runtime:
     bf16: bool
     optim: str
     compute_dtype: str
+    attn_implementation: str = "sdpa"
+    padding_free: bool = False  # batches flattened into one sequence (asked for, or implied by bfd packing)
+    use_liger_kernel: bool = False
     fallbacks: list[str] = field(default_factory=list)
 
     def as_dict(self) -> dict:
-        return {"device": self.device, "bf16": self.bf16, "optim": self.optim, "compute_dtype": self.compute_dtype}
+        return {"device": self.device, "bf16": self.bf16, "optim": self.optim, "compute_dtype": self.compute_dtype,
+                "attn_implementation": self.attn_implementation, "padding_free": self.padding_free,
+                "use_liger_kernel": self.use_liger_kernel}
+
+
+# Packing strategies that keep each row's own positions: TRL makes their batches padding-free.
+PADDING_FREE_PACKING = ("bfd", "bfd_split")
+
+
+def is_padding_free(config: RunConfig) -> bool:
+    """Padding-free batches: asked for, or implied by TRL's bfd packing (as ``SFTTrainer`` decides it)."""
+    train = config.train
+    return train.padding_free or (train.packing and train.packing_strategy in PADDING_FREE_PACKING)
+
+
+def boosters(config: RunConfig) -> list[str]:
+    """The speed boosters a config asks for, in words (the Train form's summary, the worker's log)."""
+    train = config.train
+    on = []
+    if train.packing:
+        on.append(f"packing ({train.packing_strategy})")
+    if is_padding_free(config):
+        on.append("padding-free" + ("" if train.padding_free else " (implied by packing)"))
+    if train.use_liger_kernel:
+        on.append("Liger kernels")
+    if config.model.attn_implementation != "sdpa":
+        on.append(config.model.attn_implementation)
+    return on
+
+
+def boosters_line(config: RunConfig) -> str:
+    on = boosters(config)
+    if not on:
+        return f"Boosters: none (padded batches, {config.model.attn_implementation} attention)."
+    attention = "" if config.model.attn_implementation != "sdpa" else " · sdpa attention"
+    return "Boosters: " + " · ".join(on) + attention + "."
+
+
+def _have(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
 
 
 def _is_bnb_optimizer(name: str) -> bool:
@@ -66,7 +111,50 @@ def decide_runtime(config: RunConfig, device: str | None = None) -> Runtime:
     if quant.bnb_4bit_compute_dtype == "bfloat16" and cuda and not bf16_ok:
         runtime.compute_dtype = "float16"
         say("This GPU has no bf16: 4-bit compute in float16 instead.")
+    _decide_boosters(config, runtime, cuda, quantized)
     return runtime
+
+
+def _decide_boosters(config: RunConfig, runtime: Runtime, cuda: bool, quantized: bool) -> None:
+    """Attention kernel, padding-free batches and Liger: what this machine can run, with a sentence otherwise.
+
+    Padding-free batches need attention that reads per-row position ids. FlashAttention 2
+    does it natively (varlen kernels fed by TRL's ``cu_seq_lens``); with sdpa and eager,
+    transformers 5 finds the row boundaries in the position ids and builds a block-diagonal
+    causal mask (``masking_utils.find_packed_sequence_indices``), so every attention choice
+    here trains the same loss as padded batches (tests/test_boosters.py compares them).
+    That mask covers the whole flattened batch (tokens x tokens), which the memory
+    calculator counts; FlashAttention 2 has none.
+    """
+    import torch
+
+    say = runtime.fallbacks.append
+    model, train = config.model, config.train
+    runtime.attn_implementation = model.attn_implementation
+    runtime.padding_free = is_padding_free(config)
+    runtime.use_liger_kernel = train.use_liger_kernel
+    if model.attn_implementation == "flash_attention_2":
+        half = (quantized and runtime.compute_dtype in ("bfloat16", "float16")) or runtime.bf16
+        why = None
+        if not cuda:
+            why = "needs a CUDA GPU"
+        elif not _have("flash_attn"):
+            why = "needs the flash-attn package (pip install flash-attn)"
+        elif torch.cuda.is_available() and torch.cuda.get_device_capability()[0] < 8:
+            why = "needs an Ampere or newer GPU (compute capability 8.0+)"
+        elif not half:
+            why = "runs only in bf16 or fp16, and this run trains in float32"
+        if why:
+            runtime.attn_implementation = "sdpa"
+            say(f"FlashAttention 2 {why}: using sdpa attention instead"
+                + (" (padding-free batches stay on, with a block-diagonal mask)." if runtime.padding_free else "."))
+    if train.use_liger_kernel:
+        missing = [name for name, package in (("triton", "triton"), ("liger-kernel", "liger_kernel"))
+                   if not _have(package)]
+        if not cuda or missing:
+            runtime.use_liger_kernel = False
+            why = "a CUDA GPU" if not cuda else " and ".join(missing) + " (pip install liger-kernel)"
+            say(f"Liger kernels are Triton GPU kernels and need {why}: training without them.")
 
 
 def to_lora_config(config: RunConfig):
@@ -114,7 +202,7 @@ def model_load_kwargs(config: RunConfig, runtime: Runtime, training: bool = True
     import torch
 
     kwargs: dict[str, Any] = {"revision": config.model.revision, "trust_remote_code": config.model.trust_remote_code,
-                              "attn_implementation": config.model.attn_implementation}
+                              "attn_implementation": runtime.attn_implementation}
     quantization = to_bnb_config(config, runtime)
     if quantization is not None:
         kwargs["quantization_config"] = quantization
@@ -152,6 +240,16 @@ def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, h
         optim=runtime.optim,
         max_length=train.max_length,
         packing=train.packing,
+        packing_strategy=train.packing_strategy,
+        # Held-out rows are never packed: a packed run's eval loss then averages the same rows in the
+        # same batches as an unpacked run's (and as its own baseline), so the numbers compare.
+        eval_packing=False,
+        # Padding-free without packing goes through ``to_data_collator`` instead (see there).
+        padding_free=runtime.padding_free and train.packing,
+        # transformers' switch, applied by Trainer with Liger's fused loss off (TRL keeps its own chunked
+        # loss). TRL 1.16 calls it deprecated in favour of Hub kernels (model_init_kwargs use_kernels), which
+        # download kernel code from the Hub at run time; the installed liger-kernel package works offline.
+        use_liger_kernel=runtime.use_liger_kernel,
         assistant_only_loss=train.assistant_only_loss,
         gradient_checkpointing=train.gradient_checkpointing,
         gradient_checkpointing_kwargs=checkpointing,
@@ -174,3 +272,20 @@ def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, h
         dataloader_num_workers=0,
         dataset_num_proc=None,
     )
+
+
+def to_data_collator(config: RunConfig, runtime: Runtime, tokenizer):
+    """TRL's padding-free collator when padding-free batches are asked for without packing, else None.
+
+    TRL 1.16 refuses ``padding_free=True`` without packing while ``max_length`` is set (a guard
+    from when truncation happened in the collator; its dataset preparation now truncates to
+    ``max_length`` whatever the collator). Handing in TRL's own ``DataCollatorForLanguageModeling``
+    with ``padding_free=True`` keeps both: rows truncated at ``max_length``, batches flattened
+    with per-row position ids. With packing, ``SFTTrainer`` builds the same collator itself.
+    """
+    if not runtime.padding_free or config.train.packing:
+        return None
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import yaml
 
-from engine.config.choices import optimizer_names, scheduler_names
+from engine.config.choices import optimizer_names, packing_strategies, scheduler_names
 from engine.data.formats import FORMAT_CHOICES
 from engine.errors import ConfigError
 from engine.evals.metrics import METRICS, metric_choices, option_problems
@@ -152,8 +152,9 @@ class ModelSection:
                                 kind="str", optional=True)
     trust_remote_code: bool = spec(False, "Run code shipped with the model repository. Off unless you trust it.",
                                    "Trust remote code")
-    attn_implementation: str = spec("sdpa", "Attention kernel: sdpa, eager or flash_attention_2.", "Attention",
-                                    choices_from=ATTENTION)
+    attn_implementation: str = spec("sdpa", "Attention kernel: sdpa (PyTorch), eager, or flash_attention_2 (needs the "
+                                    "flash-attn package and an Ampere or newer GPU; falls back to sdpa otherwise).",
+                                    "Attention", choices_from=ATTENTION)
 
 
 @dataclass
@@ -226,7 +227,19 @@ class TrainSection:
                       "to adamw_torch without CUDA.", "Optimizer", choices_from=optimizer_names)
     max_length: int = spec(1024, "Tokens per row after the chat template; longer rows are truncated.",
                            "Max length (tokens)", rule="must be an integer from 8 to 1048576", ge=8, le=1_048_576)
-    packing: bool = spec(False, "Pack several short rows into one sequence of max_length.", "Packing")
+    packing: bool = spec(False, "Pack several short rows into one sequence of max_length (TRL's packing); with "
+                         "bfd each row keeps its own positions and attends only to itself.", "Packing")
+    packing_strategy: str = spec("bfd", "How rows are packed (TRL's packing_strategy): bfd (best-fit decreasing, "
+                                 "rows longer than max_length are truncated), bfd_split (overflow becomes new rows) "
+                                 "or wrapped (cuts rows mid-sequence; not padding-free).", "Packing strategy",
+                                 choices_from=packing_strategies)
+    padding_free: bool = spec(False, "Padding-free batches (TRL's padding_free): the rows of a batch are flattened "
+                              "into one sequence with per-row position ids, so no step computes on padding. "
+                              "flash_attention_2 runs it natively; sdpa and eager get a block-diagonal mask.",
+                              "Padding-free")
+    use_liger_kernel: bool = spec(False, "Liger Triton kernels for RMSNorm, RoPE and SwiGLU (transformers' "
+                                  "use_liger_kernel; TRL keeps its own chunked loss). Needs CUDA, triton and "
+                                  "liger-kernel; off otherwise.", "Liger kernels")
     assistant_only_loss: bool = spec(True, "Completion-only loss: train on assistant turns, mask the prompt.",
                                      "Assistant-only loss")
     gradient_checkpointing: bool = spec(True, "Recompute activations in backward to save memory.",

@@ -53,6 +53,10 @@ class TracePlan:
     device: str = "cuda"  # cuda | cpu: dropout masks and the chunked loss differ
     input_requires_grad: bool = False  # enable_input_require_grads (checkpointing with PEFT)
     loss: str = "chunked"  # chunked (TRL fused LM head) | full_logits (transformers loss)
+    # Liger kernels: RMSNorm keeps its input and one fp32 rstd per row (no fp32 copy), SwiGLU/GEGLU
+    # keep their two inputs and recompute the activation in backward (liger_kernel.ops rms_norm.py,
+    # swiglu.py: ``ctx.save_for_backward``); with full_logits, the fused linear cross-entropy.
+    liger: bool = False
 
     @property
     def tokens(self) -> int:
@@ -276,6 +280,14 @@ def rms_norm(tr: Trace, x: Sym, style: str, label: str) -> Sym:
     plan = tr.plan
     tokens = plan.tokens
     trainable = plan.train_base
+    if plan.liger:
+        # LigerRMSNormFunction: saves X (the input itself) and RSTD (fp32, one per row); Y has X's dtype.
+        if x.grad or trainable:
+            tr.save(x, f"{label}: input (Liger)")
+            tr.save(new(tokens, FP32, True), f"{label}: rstd (Liger)")
+        out = new(x.numel, x.itemsize, x.grad or trainable)
+        tr.moment(x, out)
+        return out
     x32 = to_dtype(x, FP32)
     if x.grad:
         tr.save(x32, f"{label}: fp32 input")
@@ -451,10 +463,21 @@ def decoder_layer(tr: Trace, arch: ModelArch, x: Sym, cos: Sym, sin: Sym, mask: 
         tr.hold(gate)
         up = lin(normed, "up_proj")
         tr.hold(up)
-    act = activation(tr, gate, "MLP")
-    tr.moment(act)
-    hidden = product(tr, act, up, "MLP: gate and up factors")
-    tr.moment(act, hidden)
+    if plan.liger:
+        # LigerSiLUMulFunction / LigerGELUMulFunction save their two inputs (made contiguous:
+        # Phi-3's chunks of gate_up are copied) and recompute the activation in backward.
+        if arch.block == "phi3":
+            gate, up = new(gate.numel, gate.itemsize, gate.grad), new(up.numel, up.itemsize, up.grad)
+        if gate.grad or up.grad:
+            tr.save(gate, "MLP: gate (Liger)")
+            tr.save(up, "MLP: up (Liger)")
+        hidden = new(tokens * i, promote(gate.itemsize, up.itemsize), gate.grad or up.grad)
+        tr.moment(gate, up, hidden)
+    else:
+        act = activation(tr, gate, "MLP")
+        tr.moment(act)
+        hidden = product(tr, act, up, "MLP: gate and up factors")
+        tr.moment(act, hidden)
     tr.drop(gate, up)
     if arch.block == "phi3":
         tr.drop(gate_up)
@@ -555,6 +578,13 @@ def activation_profile(arch: ModelArch, plan: TracePlan) -> ActivationProfile:
         head.save(new(1, 8, False), "chunked loss: token count")
         head.save(new(n, FP32, False), "chunked loss: log-normaliser")
         head.save(new(n, FP32, False), "chunked loss: entropy")
+    elif plan.liger:
+        # Liger's fused linear cross-entropy computes the gradients during the forward, in chunks of
+        # rows, and keeps only the gradient of the hidden states (and of the LM head when trained).
+        head.save(new(tokens * h, plan.compute_bytes if plan.autocast else normed.itemsize, True),
+                  "Liger fused loss: gradient of the hidden states")
+        if plan.train_base:
+            head.save(new(arch.vocab_size * h, plan.head_weight_bytes, True), "Liger fused loss: LM head gradient")
     else:
         head_in = autocast_input(head, normed)
         if plan.train_base:

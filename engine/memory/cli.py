@@ -38,6 +38,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--loss", default=None, choices=("chunked", "full_logits"))
     parser.add_argument("--no-kbit-upcast", action="store_true", help="prepare_model_for_kbit_training is not called")
     parser.add_argument("--padded", action="store_true", help="batches carry padding (attention mask)")
+    parser.add_argument("--padding-free", action="store_true",
+                        help="padding-free batches: rows flattened into one sequence (TRL padding_free)")
+    parser.add_argument("--packing", action="store_true",
+                        help="bfd packing (TRL's default strategy): padding-free rows of --seq-len tokens")
+    parser.add_argument("--liger", action="store_true", help="Liger kernels (RMSNorm, SwiGLU; fused loss with full_logits)")
     parser.add_argument("--gpu", default=None, help=f"also report the largest batch and length that fit: {', '.join(GPUS)}")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return parser
@@ -68,7 +73,9 @@ def settings_from_args(args: argparse.Namespace, defaults: MemorySettings | None
         attn=given(args.attn, d.attn),
         loss=given(args.loss, d.loss),
         kbit_upcast=False if args.no_kbit_upcast else d.kbit_upcast,
-        padded=args.padded or d.padded,
+        padded=(args.padded or d.padded) and not (args.padding_free or args.packing),
+        padding_free=args.padding_free or args.packing or d.padding_free,
+        liger=args.liger or d.liger,
     )
 
 

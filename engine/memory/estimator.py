@@ -110,6 +110,11 @@ class MemorySettings:
     kbit_upcast: bool = True  # prepare_model_for_kbit_training casts every non-quantized weight to fp32
     adapter_dtype: str = "auto"  # auto: fp32 on a 16-bit base (PEFT), bf16 on a quantized base (TRL)
     padded: bool = False  # batches carry padding, so attention gets a mask
+    # Padding-free batches (TRL padding_free, or bfd packing): the batch's rows are flattened into one
+    # sequence of batch_size x seq_len tokens at most, with per-row position ids. flash attention
+    # runs it without a mask; sdpa and eager get a block-diagonal mask over the whole sequence.
+    padding_free: bool = False
+    liger: bool = False  # Liger kernels (RMSNorm, SwiGLU; with full_logits its fused linear cross-entropy)
     grad_accum: int = 1  # gradient accumulation steps (>1 keeps gradients alive across micro-batches)
     device: str = "cuda"  # cuda | cpu (only used by the CPU proofs)
 
@@ -140,6 +145,18 @@ class MemorySettings:
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}.")
         return replace(self, method=method, optimizer=optimizer, compute_dtype=compute)
+
+    def as_model_sees_it(self) -> MemorySettings:
+        """The batch's shape as the forward pass gets it: padding-free batches are one row of all tokens.
+
+        A padded batch of b rows is b x seq_len tokens when its longest row is seq_len long; a
+        padding-free batch holds at most the same tokens as one row, and a mask exists only where
+        the attention kernel needs one (sdpa, eager: block-diagonal; flash: none, varlen kernels).
+        """
+        if not self.padding_free:
+            return self
+        return replace(self, batch_size=1, seq_len=self.batch_size * self.seq_len, padded=self.attn != "flash",
+                       padding_free=False)
 
 
 @dataclass
@@ -204,8 +221,8 @@ class MemoryEstimate:
                 else "a shorter sequence or a smaller batch shrinks them linearly (use gradient accumulation)."
             ),
             "logits_and_loss": (
-                "the chunked (fused) loss of TRL never builds the full fp32 logits; shorter sequences or a smaller "
-                "batch shrink this term linearly."
+                "the chunked (fused) loss of TRL, or Liger's fused linear cross-entropy, never builds the full fp32 "
+                "logits; shorter sequences or a smaller batch shrink this term linearly."
             ),
             "transient_buffers": "a shorter sequence or a smaller batch shrinks the backward pass buffers.",
             "optimizer_states_paged": "paged states live outside PyTorch's allocator and may spill to CPU RAM.",
@@ -275,6 +292,7 @@ def precision_of(s: MemorySettings) -> Precision:
 
 
 def trace_plan(arch: ModelArch, s: MemorySettings, targets: list[str] | None = None) -> TracePlan:
+    s = s.as_model_sees_it()
     p = precision_of(s)
     return TracePlan(
         batch=s.batch_size,
@@ -296,6 +314,7 @@ def trace_plan(arch: ModelArch, s: MemorySettings, targets: list[str] | None = N
         device=s.device,
         input_requires_grad=s.gradient_checkpointing,
         loss=s.loss,
+        liger=s.liger,
     )
 
 
@@ -400,8 +419,12 @@ def estimate(arch: ModelArch, settings: MemorySettings) -> MemoryEstimate:
     attn = s.attn
     if attn == "sdpa" and arch.attn_logit_softcapping:
         notes.append("Attention softcapping (Gemma 2) rules out SDPA: transformers runs eager attention, O(length^2).")
+    if s.padding_free and attn in ("sdpa", "eager"):
+        notes.append(f"Padding-free batches with {attn} attention: transformers builds a block-diagonal mask over all "
+                     f"{s.batch_size * s.seq_len:,} tokens of a batch (tokens x tokens); flash attention needs none.")
     targets = resolve_targets(arch, s.targets) if s.method != "full" else []
     lm_head_lora = s.method != "full" and lm_head_targeted(arch, s.targets)
+    reported, s = s, s.as_model_sees_it()  # shapes below are the forward pass's; the settings reported are asked
     plan = trace_plan(arch, s, targets)
     profile = activation_profile(arch, plan)
     tokens, h = s.batch_size * s.seq_len, arch.hidden_size
@@ -513,6 +536,7 @@ def estimate(arch: ModelArch, settings: MemorySettings) -> MemoryEstimate:
     params = parameter_counts(arch, s)
     params["quantized"] = arch.linear_weight_params if s.method in ("qlora", "lora8bit") else 0
     explanations = explain_terms(arch, s, p, profile, peak_phase, targets, params)
+    s = reported
     ledger = {label: size for label, size in sorted(profile.layer_ledger.items(), key=lambda kv: -kv[1])}
     return MemoryEstimate(
         model=arch.name,
@@ -551,6 +575,12 @@ def loss_region_bytes(arch: ModelArch, s: MemorySettings, p: Precision, profile:
     and, when the LM head is trained, an fp32 gradient of its weight.
     """
     tokens, h, vocab, cd = s.batch_size * s.seq_len, arch.hidden_size, arch.vocab_size, p.compute
+    if s.loss == "full_logits" and s.liger:
+        # Liger's fused linear cross-entropy: logits exist only for a chunk of rows at a time,
+        # about tokens x hidden elements in all (chunk = next power of two of tokens / ceil(vocab / hidden)),
+        # in the compute dtype plus Liger's fp32 accumulation; the hidden-state gradient it keeps is an activation.
+        chunk = 1 << max(0, (-(-tokens // -(-vocab // h)) - 1).bit_length())
+        return 0, chunk * vocab * (cd + 4) + tokens * h * 4
     if s.loss == "full_logits":
         kept = profile.logits
         transient = 2 * tokens * vocab * 4
@@ -635,6 +665,10 @@ def explain_terms(arch, s, p, profile, peak_phase, targets, params) -> dict[str,
     all_grads = peak_phase in ("optimizer step", "end of backward")
     per_token = profile.per_layer / max(1, s.batch_size * s.seq_len)
     kept_for_backward = "one input per block (gradient checkpointing)" if s.gradient_checkpointing else "every block"
+    if s.liger:
+        kept_for_backward += "; Liger's RMSNorm and SwiGLU keep fewer of them"
+    if s.padded and s.attn != "eager":
+        kept_for_backward += "; the attention mask" + (" (block-diagonal: padding-free)" if s.batch_size == 1 else "")
     return {
         "quantized_weights": packed,
         "quantization_constants": constants,
@@ -651,7 +685,9 @@ def explain_terms(arch, s, p, profile, peak_phase, targets, params) -> dict[str,
         "activations": f"Tensors saved for backward, {kept_for_backward}, following the {arch.block} block's ops "
         f"({per_token:,.0f} bytes per token per block without checkpointing).",
         "logits_and_loss": (
-            "Full logits: the fp32 log-softmax of batch x length x vocabulary, kept for backward."
+            "Liger's fused linear cross-entropy: no logits are kept; its chunks are transient buffers."
+            if s.loss == "full_logits" and s.liger
+            else "Full logits: the fp32 log-softmax of batch x length x vocabulary, kept for backward."
             if s.loss == "full_logits"
             else "TRL's chunked loss keeps only per-token values; its tiles are counted as transient buffers."
         ),
@@ -717,8 +753,10 @@ def settings_from_run_config(config) -> tuple[str, MemorySettings]:
 
     The method is ``RunConfig.method`` (its one owner): dora and rslora are LoRA here (DoRA
     adds its magnitude vectors). Quantized bases compute in ``quant.bnb_4bit_compute_dtype``
-    as the worker loads them; batches of more than one row are padded unless packed.
+    as the worker loads them; batches of more than one row are padded unless padding-free (asked
+    for, or implied by bfd packing: ``engine.config.build.is_padding_free``, its one owner).
     """
+    from engine.config.build import is_padding_free  # torch-free at import
     model, lora, quant, train = config.model, config.lora, config.quant, config.train
     method = {"dora": "lora", "rslora": "lora"}.get(config.method, config.method)
     compute = "bfloat16" if train.bf16 else "float32"
@@ -741,7 +779,9 @@ def settings_from_run_config(config) -> tuple[str, MemorySettings]:
         compute_dtype=compute,
         double_quant=bool(quant.bnb_4bit_use_double_quant),
         attn=attn if attn in ATTENTION else "sdpa",
-        padded=batch > 1 and not train.packing,
+        padded=batch > 1 and not train.packing and not is_padding_free(config),
+        padding_free=is_padding_free(config),
+        liger=bool(train.use_liger_kernel),
         grad_accum=int(train.gradient_accumulation_steps),
     )
     return model.name_or_path, settings
@@ -761,8 +801,9 @@ def format_bytes(n: int) -> str:
 def format_table(est: MemoryEstimate) -> str:
     lines = [
         f"{est.model}: {METHOD_LABELS[est.settings['method']]}, batch {est.settings['batch_size']} x "
-        f"{est.settings['seq_len']} tokens, checkpointing {'on' if est.settings['gradient_checkpointing'] else 'off'}, "
-        f"{est.settings['optimizer']}",
+        f"{est.settings['seq_len']} tokens{' (padding-free)' if est.settings.get('padding_free') else ''}, "
+        f"checkpointing {'on' if est.settings['gradient_checkpointing'] else 'off'}, {est.settings['optimizer']}"
+        f"{', Liger kernels' if est.settings.get('liger') else ''}",
         f"parameters: {est.parameters['total']:,} total, {est.parameters['trainable']:,} trainable",
         "",
         f"{'term':<26}{'GiB':>9}  explanation",

@@ -112,6 +112,9 @@ def train_main(argv: list[str]) -> int:
     except LoraLabError as error:
         return _fail(error)
     print(f"run {run_dir.name} started (worker pid {process.pid}); log: {rundir.RunPaths(run_dir).log}")
+    from engine.config.build import boosters_line
+
+    print(boosters_line(config))  # what the config asks for; fallbacks follow as notes
     _say_busy_devices()
     if args.detach:
         return 0

@@ -21,7 +21,9 @@ from pathlib import Path
 
 from engine.training import devices, recovery, rundir
 from engine.config import RunConfig
-from engine.config.build import Runtime, decide_runtime, model_load_kwargs, to_lora_config, to_sft_config
+from engine.config.build import (
+    Runtime, boosters_line, decide_runtime, model_load_kwargs, to_data_collator, to_lora_config, to_sft_config,
+)
 from engine.errors import LoraLabError
 from engine.hub import resolve_model
 from engine.training.rundir import RunPaths, add_fallback, update_status
@@ -233,6 +235,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
 
     runtime = decide_runtime(config)
     record_runtime(run_dir, runtime)
+    log(boosters_line(config))
     if not take_device(run_dir, runtime):
         update_status(run_dir, "stopped", message="Stopped while waiting for the device; nothing was trained.")
         paths.stop_request.unlink(missing_ok=True)
@@ -275,7 +278,8 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     callbacks = ([make_task_eval_callback(run_dir, task_eval, log)] if task_eval else []) + [callback]
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=to_lora_config(config),
-                         callbacks=callbacks + [recovery.callback()] + ([probe] if probe else []))
+                         callbacks=callbacks + [recovery.callback()] + ([probe] if probe else []),
+                         data_collator=to_data_collator(config, runtime, tokenizer))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
