@@ -22,6 +22,7 @@ from engine.config import (
 from engine.config.overrides import render_value
 from engine.errors import LoraLabError
 from engine.training import rundir
+from engine.training.trackers import read_destinations
 from ui import charts
 from ui.context import AppContext
 
@@ -37,7 +38,7 @@ FORM_GROUPS: dict[str, list[str]] = {
     "Training": ["train.learning_rate", "train.lr_scheduler_type", "train.optim", "train.num_train_epochs",
                  "train.max_steps", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
                  "train.max_length", "train.packing", "train.gradient_checkpointing", "train.bf16",
-                 "train.eval_steps", "train.seed"],
+                 "train.eval_steps", "train.seed", "train.report_to"],
 }
 FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
 
@@ -49,6 +50,8 @@ def component_for(path: str, value):
     common = {"label": spec.label, "info": spec.help, "value": form_value(path, value)}
     if spec.kind == "bool":
         return gr.Checkbox(**common)
+    if spec.kind == "list":  # several of the choices
+        return gr.Dropdown(choices=list(spec.choices or ()), multiselect=True, **common)
     if spec.choices is not None:
         return gr.Dropdown(choices=list(spec.choices), **common)
     if spec.kind in ("int", "float", "number"):
@@ -185,6 +188,10 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     ]
     for sentence in status.get("fallbacks", []):
         parts.append(f"<div>• {html.escape(sentence)}</div>")
+    for item in read_destinations(run_dir):
+        parts.append(f"<div class='loralab-tracker'>• {html.escape(str(item.get('label')))}: "
+                     f"{html.escape(str(item.get('where')))} — open with <code>{html.escape(str(item.get('open')))}"
+                     "</code></div>")
     if status.get("error"):
         parts.append(f"<div class='loralab-error' id='loralab-error'><b>Why it failed:</b> "
                      f"{html.escape(status['error'])}</div>")

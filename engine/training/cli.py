@@ -179,6 +179,10 @@ def show_main(argv: list[str]) -> int:
         return _fail(error)
     status = rundir.read_status(run_dir)
     print(json.dumps({k: v for k, v in status.items() if k != "history"}, indent=2, default=str))
+    from engine.training.trackers import read_destinations
+
+    for item in read_destinations(run_dir):
+        print(f"--- {item.get('label')}: {item.get('where')}\n    open: {item.get('open')}")
     print("--- train.log (tail)")
     print(rundir.log_tail(run_dir, args.log_lines))
     return 0

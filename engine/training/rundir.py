@@ -81,6 +81,7 @@ class RunPaths:
     stop_request = property(lambda self: self.root / "stop_request")
     ratings = property(lambda self: self.root / "ratings.jsonl")
     lock = property(lambda self: self.root / ".lock")
+    trackers = property(lambda self: self.root / "trackers.json")  # where tracker copies went (trackers.py)
 
 
 # ----------------------------------------------------------------------------- small file helpers

@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.training import rundir
+from engine.training import rundir, trackers
 from engine.config import RunConfig
 from engine.config.build import Runtime, decide_runtime, model_load_kwargs, to_lora_config, to_sft_config
 from engine.errors import LoraLabError
@@ -41,8 +41,12 @@ def log(message: str) -> None:
 def record_runtime(run_dir: Path, runtime: Runtime) -> None:
     """Say every setting this machine cannot honour, in the log and in status.json."""
     for sentence in runtime.fallbacks:
-        log(f"fallback: {sentence}")
-        add_fallback(run_dir, sentence)
+        record_fallback(run_dir, sentence)
+
+
+def record_fallback(run_dir: Path, sentence: str) -> None:
+    log(f"fallback: {sentence}")
+    add_fallback(run_dir, sentence)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -231,6 +235,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
 
     runtime = decide_runtime(config)
     record_runtime(run_dir, runtime)
+    trackers.prepare(run_dir, runtime, say=lambda sentence: record_fallback(run_dir, sentence))
     update_status(run_dir, message="Finding the base model.")
     model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
@@ -257,6 +262,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     callback = make_callback(run_dir)
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=to_lora_config(config), callbacks=[callback])
+    trackers.guard(trainer, say=lambda sentence: record_fallback(run_dir, sentence))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
