@@ -14,9 +14,11 @@ from engine.export.exporter import (
     zip_export,
 )
 from engine.export.lock import ExportBusyError, export_lock
+from engine.export.push import PushError, push_export, push_problem
 from engine.export.verify import VerificationError, verify_export
 
 __all__ = [
     "DTYPES", "KINDS", "ExportBusyError", "ExportError", "ExportResult", "VerificationError", "export_lock",
-    "export_run", "exportable_runs", "list_exports", "safe_export_dir", "verify_export", "zip_export",
+    "export_run", "exportable_runs", "list_exports", "push_export", "push_problem", "PushError", "safe_export_dir",
+    "verify_export", "zip_export",
 ]
