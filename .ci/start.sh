@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 source .ci/venv.sh
 loralab_venv start requirements.txt
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
-"$PY" -m engine demo >/dev/null  # builds the offline demo model the first time (about a minute and a half)
+"$PY" -m engine demo  # builds the offline demo model the first time (about a minute and a half on 2 cores)
 exec "$PY" app.py "$@"           # prints "LoRA Lab: open http://127.0.0.1:7860"
