@@ -37,6 +37,11 @@ def wait_for_server(url: str, process: subprocess.Popen, timeout: float = 180) -
     raise SystemExit(f"the dashboard did not answer at {url}")
 
 
+def scroll_to(page, text: str) -> None:
+    """Put the first element showing ``text`` at the top of the window (results sit below the form)."""
+    page.get_by_text(text).first.evaluate("e => e.scrollIntoView({block: 'start'})")
+
+
 def shoot(page, name: str) -> None:
     page.wait_for_timeout(1500)  # let Plotly finish drawing
     page.screenshot(path=str(DOCS / f"{name}_tab.png"), full_page=False)
@@ -48,7 +53,9 @@ def main() -> None:
     parser.add_argument("runs_dir", type=Path)
     parser.add_argument("--port", type=int, default=7873)
     parser.add_argument("--exports-dir", type=Path, default=None)
+    parser.add_argument("--tabs", default="train,memory,dataset,chat,export", help="which pictures to retake")
     args = parser.parse_args()
+    tabs = set(args.tabs.split(","))
     exports = args.exports_dir or args.runs_dir.parent / "screenshot-exports"
     url = f"http://127.0.0.1:{args.port}"
     server = subprocess.Popen([sys.executable, "app.py", "--port", str(args.port), "--runs-dir", str(args.runs_dir),
@@ -66,37 +73,51 @@ def main() -> None:
             page.wait_for_selector("#loralab-state")
             page.wait_for_function("document.querySelectorAll('#loralab-loss .js-plotly-plot').length > 0",
                                    timeout=60_000)
-            shoot(page, "train")
-
-            page.get_by_role("tab", name="Memory").click()
-            page.get_by_role("button", name="Estimate").click()
-            page.wait_for_timeout(6000)
-            shoot(page, "memory")
-
-            page.get_by_role("tab", name="Dataset").click()
-            page.get_by_role("button", name="Load preview").click()
-            page.wait_for_timeout(15000)
-            shoot(page, "dataset")
-
-            page.get_by_role("tab", name="Chat").click()
-            page.get_by_role("button", name="Load", exact=True).click()
-            page.wait_for_function("document.body.innerText.includes('Active adapter:')", timeout=300_000)
-            page.get_by_label("Greedy").check()
-            page.get_by_placeholder("Message both models").fill("Extract as JSON: the small green cup is under "
-                                                                "the bed.")
-            page.get_by_role("button", name="Send", exact=True).click()
-            page.wait_for_function("document.body.innerText.includes('\"object\"')", timeout=300_000)
-            page.wait_for_timeout(4000)
-            shoot(page, "chat")
-
-            page.get_by_role("tab", name="Export").click()
-            page.get_by_role("button", name="Export and verify").click()
-            page.wait_for_function("document.body.innerText.includes('Exported')", timeout=600_000)
-            shoot(page, "export")
+            if "train" in tabs:
+                shoot(page, "train")
+            if "memory" in tabs:
+                page.get_by_role("tab", name="Memory").click()
+                page.get_by_role("button", name="Estimate").click()
+                page.wait_for_timeout(6000)
+                scroll_to(page, "Full vs LoRA vs QLoRA")
+                shoot(page, "memory")
+            if "dataset" in tabs:
+                page.get_by_role("tab", name="Dataset").click()
+                page.get_by_role("button", name="Load preview").click()
+                page.wait_for_function("document.body.innerText.includes('bad rows skipped')", timeout=300_000)
+                page.get_by_role("button", name="Statistics over the whole dataset").click()
+                page.wait_for_timeout(20000)
+                scroll_to(page, "Raw rows (select one to render it)")
+                shoot(page, "dataset")
+            if "chat" in tabs:
+                chat(page)
+            if "export" in tabs:
+                export(page)
             browser.close()
     finally:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def chat(page) -> None:
+    page.get_by_role("tab", name="Chat").click()
+    page.get_by_role("button", name="Load", exact=True).click()
+    page.wait_for_function("document.body.innerText.includes('Active adapter:')", timeout=300_000)
+    page.get_by_label("Greedy").check()
+    page.get_by_placeholder("Message both models").fill("Extract as JSON: the small green cup is under "
+                                                        "the bed.")
+    page.get_by_role("button", name="Send", exact=True).click()
+    page.wait_for_function("document.body.innerText.includes('\"object\"')", timeout=300_000)
+    page.wait_for_timeout(4000)
+    shoot(page, "chat")
+
+
+def export(page) -> None:
+    page.get_by_role("tab", name="Export").click()
+    page.get_by_label("Replace an export of the same name").check()  # a retake replaces the last one
+    page.get_by_role("button", name="Export and verify").click()
+    page.wait_for_function("document.body.innerText.includes('Exported')", timeout=600_000)
+    shoot(page, "export")
 
 
 if __name__ == "__main__":
