@@ -1,6 +1,7 @@
-"""LoRA Lab: ``python app.py`` serves the dashboard on http://127.0.0.1:7860.
+"""LoRA Lab: ``python app.py`` (or ``loralab ui``) serves the dashboard on http://127.0.0.1:7860.
 
-Only wiring and launch live here; the tabs are in ``ui/``, the work in ``engine/``.
+Only wiring and launch live here; the tabs are in ``ui/``, the work in ``engine/``. ``cli`` is
+the ``loralab`` console script: ``ui`` plus every ``python -m engine`` command, one table.
 """
 
 from __future__ import annotations
@@ -13,15 +14,17 @@ import sys
 from pathlib import Path
 
 PROJECT_ROOT = Path(__file__).resolve().parent
+# Runs and exports go in the project folder when run from a clone (or `pip install -e .`), else the current folder.
+WORKSPACE = PROJECT_ROOT if (PROJECT_ROOT / "pyproject.toml").is_file() else Path.cwd()
 
 
-def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="LoRA Lab dashboard")
+def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=prog, description="LoRA Lab dashboard")
     parser.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
                         help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
-    parser.add_argument("--runs-dir", type=Path, default=PROJECT_ROOT / "runs")
-    parser.add_argument("--exports-dir", type=Path, default=PROJECT_ROOT / "exports")
+    parser.add_argument("--runs-dir", type=Path, default=WORKSPACE / "runs")
+    parser.add_argument("--exports-dir", type=Path, default=WORKSPACE / "exports")
     parser.add_argument("--auth", help="user:password, or a file with one user:password per line")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest accepted upload")
     return parser.parse_args(argv)
@@ -46,12 +49,12 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def main(argv=None) -> None:
+def main(argv=None, prog: str | None = None) -> None:
     # Start-up allocates a few hundred thousand long-lived objects (Gradio, FastAPI, pydantic, the
     # tabs), and the cyclic collector would walk them again and again while they pile up: off until
     # the page is served, then those objects are frozen out of later collections (bench/startup.py).
     gc.disable()
-    args = parse_args(argv)
+    args = parse_args(argv, prog)
     auth = parse_auth(args.auth)
     if not is_loopback(args.host) and not auth:
         print(f"WARNING: serving on {args.host} without --auth: anyone who can reach this port can train "
@@ -75,6 +78,8 @@ def main(argv=None) -> None:
     ctx = AppContext(runs_dir=args.runs_dir.resolve(), exports_dir=args.exports_dir.resolve(), jobs=jobs,
                      sampler=sampler, max_upload_mb=args.max_upload_mb)
     demo = build_app(ctx)
+    shown_host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"LoRA Lab: open http://{shown_host}:{args.port} (runs in {args.runs_dir})", flush=True)
     demo.launch(
         server_name=args.host,
         server_port=args.port,
@@ -89,6 +94,22 @@ def main(argv=None) -> None:
     gc.freeze()
     gc.enable()
     demo.block_thread()
+
+
+def ui_main(argv: list[str]) -> int:
+    main(argv, prog="loralab ui")
+    return 0
+
+
+UI_COMMAND = ("app", "ui_main", "serve the dashboard (the same flags as python app.py; --help lists them)")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    """The ``loralab`` command: ``loralab ui`` and every ``python -m engine`` command."""
+    from engine.__main__ import COMMANDS
+    from engine.__main__ import main as dispatch
+
+    return dispatch(argv, prog="loralab", commands={"ui": UI_COMMAND, **COMMANDS})
 
 
 if __name__ == "__main__":

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Set up a fresh machine and start the dashboard on the offline demo (the README's start command).
+# Everything is installed into the project's .venv/ (made the first time, reused after); flags are app.py's.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python3 -m pip install --quiet torch==2.13.0
-python3 -m pip install --quiet -r requirements.txt
+source .ci/venv.sh
+loralab_venv start requirements.txt
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
-python3 -m engine demo
-exec python3 app.py "$@"
+"$PY" -m engine demo  # builds the offline demo model the first time (about a minute and a half on 2 cores)
+exec "$PY" app.py "$@"           # prints "LoRA Lab: open http://127.0.0.1:7860"

@@ -1,7 +1,8 @@
 """``python -m engine COMMAND ...``: the headless face of everything the dashboard does.
 
 Each command lives with the module that does the work; this file only dispatches, and
-imports nothing heavy, so ``python -m engine runs`` answers instantly.
+imports nothing heavy, so ``python -m engine runs`` answers instantly. The ``loralab``
+command (app.cli) dispatches through this same table, with ``ui`` added for the dashboard.
 """
 
 from __future__ import annotations
@@ -20,27 +21,49 @@ COMMANDS = {
                "estimate training memory term by term; --measure: full/LoRA/QLoRA measured here"),
     "data": ("engine.data.cli", "main", "inspect a dataset: format, counts, token statistics, problems"),
     "compare": ("engine.chat.cli", "main", "answer prompts with the base and the fine-tuned model"),
-    "export": ("engine.export.cli", "main", "export a run's adapter or merged model"),
+    "export": ("engine.export.cli", "main", "export a run's adapter or merged model (--push: to the Hub)"),
     "demo": ("engine.demo", "cli_main", "build the offline demo model (once; cached)"),
 }
 
 
-def usage() -> str:
-    lines = ["usage: python -m engine COMMAND [ARGS]", "", "commands:"]
-    lines += [f"  {name:<8} {help_text}" for name, (_, _, help_text) in COMMANDS.items()]
+def version_text() -> str:
+    """``loralab 0.2.0 (git <commit>)``: the version and the commit this code came from."""
+    from engine import __version__
+    from engine.lineage import git_commit
+
+    git = git_commit()
+    if git.get("commit"):
+        where = f"git {git['commit'][:12]}{', with uncommitted changes' if git.get('dirty') else ''}"
+    else:
+        where = "git commit unknown: not run from a git checkout"
+    return f"loralab {__version__} ({where})"
+
+
+def usage(prog: str = "python -m engine", commands: dict | None = None) -> str:
+    commands = COMMANDS if commands is None else commands
+    width = max(map(len, commands))
+    lines = [f"usage: {prog} COMMAND [ARGS]   ({prog} COMMAND --help lists a command's options)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {help_text}" for name, (_, _, help_text) in commands.items()]
+    lines += ["", "  --version  print the version and the git commit"]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, prog: str = "python -m engine", commands: dict | None = None) -> int:
+    """Run ``argv[0]`` from ``commands`` (this module's table unless given) with the rest of ``argv``."""
+    commands = COMMANDS if commands is None else commands
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        print(usage(prog, commands))
+        return 0
+    if argv[0] in ("-V", "--version", "version"):
+        print(version_text())
         return 0
     command, rest = argv[0], argv[1:]
-    if command not in COMMANDS:
-        print(f"unknown command '{command}'\n\n{usage()}", file=sys.stderr)
+    if command not in commands:
+        print(f"unknown command '{command}'\n\n{usage(prog, commands)}", file=sys.stderr)
         return 2
-    module_name, function_name, _ = COMMANDS[command]
+    module_name, function_name, _ = commands[command]
     function = getattr(importlib.import_module(module_name), function_name)
     return int(function(rest) or 0)
 

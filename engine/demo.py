@@ -23,10 +23,11 @@ import shutil
 import time
 from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
+from engine import IN_CHECKOUT, PRESETS_DIR, PROJECT_ROOT
+
 DEMO_MODEL_NAME = "demo"
 DEMO_SEED = 1234
-DEMO_DATA_DIR = PROJECT_ROOT / "presets" / "data"
+DEMO_DATA_DIR = PRESETS_DIR / "data"
 BUILD_VERSION = "3"  # bump when the recipe below changes, so caches rebuild
 
 SIZES = ["big", "small", "tiny", "huge", "long", "short"]
@@ -157,7 +158,8 @@ def demo_dataset_path(split: str = "train") -> Path:
 
 # ----------------------------------------------------------------------------- building
 def cache_root() -> Path:
-    return Path(os.environ.get("LORALAB_CACHE", PROJECT_ROOT / ".cache"))
+    default = PROJECT_ROOT / ".cache" if IN_CHECKOUT else Path.home() / ".cache" / "loralab"
+    return Path(os.environ.get("LORALAB_CACHE", default))
 
 
 def demo_model_dir() -> Path:
@@ -297,5 +299,10 @@ if __name__ == "__main__":
 
 def cli_main(argv: list[str] | None = None) -> int:
     """``python -m engine demo``: build the demo model once (cached) and print its folder."""
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m engine demo", description="Build the offline demo model once (about a "
+                            f"minute and a half on 2 cores) and cache it in {demo_model_dir()} (LORALAB_CACHE moves "
+                            "it); prints its folder.").parse_args(argv)
     print(ensure_demo_model())
     return 0

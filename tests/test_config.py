@@ -161,7 +161,7 @@ def test_every_field_has_help_a_label_and_a_rule_the_form_can_read():
 
     for item in field_specs():
         assert item.help and item.label, item.path
-        assert item.kind in ("bool", "int", "float", "number", "str", "modules", "mapping"), item.path
+        assert item.kind in ("bool", "int", "float", "number", "str", "modules", "list", "mapping"), item.path
         assert item.problem(item.default) is None, (item.path, item.default)  # every default is valid
 
 

@@ -164,6 +164,23 @@ def test_card_and_lineage_name_the_right_hashes(adapter_export, merged_export, d
         (rundir.RunPaths(demo_lora_run).adapter / "adapter_model.safetensors").read_bytes()
 
 
+def test_card_metadata_reads_back_with_huggingface_hubs_own_parser(adapter_export, merged_export, demo_lora_run):
+    from huggingface_hub import ModelCard
+
+    summary = rundir.summarize_run(demo_lora_run)
+    for export, library in ((adapter_export, "peft"), (merged_export, "transformers")):
+        card = ModelCard.load(export.path / "README.md")
+        data = card.data
+        assert data.library_name == library and data.pipeline_tag == "text-generation"
+        assert {"loralab", "lora", "trl", "sft"} <= set(data.tags) and ("merged" in data.tags) == (library != "peft")
+        assert data.base_model is None and data.datasets is None  # the demo base and data are not on the Hub
+        assert data.model_name == export.name
+        (result,) = data.eval_results  # the model-index entry
+        assert result.metric_type == "loss" and result.metric_value == pytest.approx(summary.eval_loss, abs=1e-6)
+        assert result.task_type == "text-generation" and result.dataset_split == "eval"
+        assert card.text.lstrip().startswith(f"# {export.name}")
+
+
 def test_card_snippet_loads_and_generates(adapter_export, merged_export, exports_dir, monkeypatch, capsys):
     monkeypatch.chdir(exports_dir)
     for export in (adapter_export, merged_export):

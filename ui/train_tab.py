@@ -25,6 +25,7 @@ from engine.config.build import boosters_line
 from engine.config.overrides import render_value
 from engine.errors import LoraLabError
 from engine.training import rundir
+from engine.training.trackers import read_destinations
 from ui import charts, fields
 from ui.context import AppContext
 
@@ -40,7 +41,8 @@ FORM_GROUPS: dict[str, list[str]] = {
     "LoRA": ["lora.r", "lora.lora_alpha", "lora.lora_dropout", "lora.target_modules"],
     "Training": ["train.learning_rate", "train.lr_scheduler_type", "train.optim", "train.num_train_epochs",
                  "train.max_steps", "train.per_device_train_batch_size", "train.gradient_accumulation_steps",
-                 "train.max_length", "train.gradient_checkpointing", "train.bf16", "train.eval_steps", "train.seed"],
+                 "train.max_length", "train.gradient_checkpointing", "train.bf16", "train.eval_steps", "train.seed",
+                 "train.report_to"],
     "Boosters": ["model.attn_implementation", "train.padding_free", "train.packing", "train.packing_strategy",
                  "train.use_liger_kernel"],
     "Task metric": ["eval.metric", "eval.num_samples", "eval.max_new_tokens", "eval.schema_path", "eval.pattern"],
@@ -56,6 +58,8 @@ def component_for(path: str, value):
     common = {"label": spec.label, "info": spec.help, "value": form_value(path, value)}
     if spec.kind == "bool":
         return gr.Checkbox(**common)
+    if spec.kind == "list":  # several of the choices
+        return gr.Dropdown(choices=list(spec.choices or ()), multiselect=True, **common)
     if spec.choices is not None:
         return gr.Dropdown(choices=list(spec.choices), **common)
     if spec.kind in ("int", "float", "number"):
@@ -296,6 +300,10 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     notes = status.get("notes", []) if notes is None else notes
     for note in notes:  # a damaged entry in the run folder, said instead of failing
         parts.append(f"<div class='loralab-error'>⚠ {html.escape(note)}</div>")
+    for item in read_destinations(run_dir):
+        parts.append(f"<div class='loralab-tracker'>• {html.escape(str(item.get('label')))}: "
+                     f"{html.escape(str(item.get('where')))} — open with <code>{html.escape(str(item.get('open')))}"
+                     "</code></div>")
     if status.get("error"):
         parts.append(f"<div class='loralab-error' id='loralab-error'><b>Why it failed:</b> "
                      f"{html.escape(status['error'])}</div>")

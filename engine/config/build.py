@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine.config import trackers
 from engine.config.schema import RunConfig
 
 # Optimizers implemented by bitsandbytes (paged, 8-bit and its 32-bit variants): CUDA only.
@@ -36,6 +37,8 @@ class Runtime:
     padding_free: bool = False  # batches flattened into one sequence (asked for, or implied by bfd packing)
     use_liger_kernel: bool = False
     fallbacks: list[str] = field(default_factory=list)
+    report_to: list[str] = field(default_factory=list)  # the chosen trackers that are installed
+    wandb_offline: bool = False
 
     def as_dict(self) -> dict:
         return {"device": self.device, "bf16": self.bf16, "optim": self.optim, "compute_dtype": self.compute_dtype,
@@ -112,6 +115,7 @@ def decide_runtime(config: RunConfig, device: str | None = None) -> Runtime:
         runtime.compute_dtype = "float16"
         say("This GPU has no bf16: 4-bit compute in float16 instead.")
     _decide_boosters(config, runtime, cuda, quantized)
+    decide_trackers(config, runtime)
     return runtime
 
 
@@ -155,6 +159,25 @@ def _decide_boosters(config: RunConfig, runtime: Runtime, cuda: bool, quantized:
             runtime.use_liger_kernel = False
             why = "a CUDA GPU" if not cuda else " and ".join(missing) + " (pip install liger-kernel)"
             say(f"Liger kernels are Triton GPU kernels and need {why}: training without them.")
+
+
+def decide_trackers(config: RunConfig, runtime: Runtime) -> None:
+    """Which chosen trackers this machine has; W&B offline when it has no key or no network.
+
+    A tracker is a copy of what the run directory holds, so a missing one is a sentence and the
+    run goes on without it.
+    """
+    for name in config.train.report_to:
+        if not trackers.installed(name):
+            runtime.fallbacks.append(trackers.missing_sentence(name))
+            continue
+        runtime.report_to.append(name)
+        if name == "wandb":
+            reason = trackers.wandb_offline_reason()
+            if reason:
+                runtime.wandb_offline = True
+                runtime.fallbacks.append(f"W&B logs offline (WANDB_MODE=offline) because {reason}: its copy stays "
+                                         "in the run's wandb/ folder, and `wandb sync` uploads it later.")
 
 
 def to_lora_config(config: RunConfig):
@@ -266,7 +289,10 @@ def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, h
         save_steps=train.save_steps,
         save_total_limit=train.save_total_limit,
         seed=train.seed,
-        report_to="none",
+        # transformers' own integrations; engine.training.trackers points each into the run directory.
+        report_to=list(runtime.report_to) or "none",
+        run_name=config.name,
+        project="loralab",  # Trackio's project (the other trackers read theirs from the environment)
         disable_tqdm=True,
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from engine import PRESETS_DIR
 from engine.config.schema import RunConfig
-
-PRESETS_DIR = Path(__file__).resolve().parents[2] / "presets"
 
 
 def list_presets() -> list[str]:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import yaml
 
 from engine.config.choices import optimizer_names, packing_strategies, scheduler_names
+from engine.config.trackers import REPORT_TO_CHOICES
 from engine.data.formats import FORMAT_CHOICES
 from engine.errors import ConfigError
 from engine.evals.metrics import METRICS, metric_choices, option_problems
@@ -44,7 +45,7 @@ class FieldSpec:
     """What a field accepts, read from its metadata: the one source for validation and forms.
 
     ``kind``: bool, int, float, number (an int or a ratio), str, modules (a list of names or
-    'all-linear') or mapping. ``rule`` is the sentence shown when a value is below range or
+    'all-linear'), list (several of ``choices``; 'none' alone means an empty list) or mapping. ``rule`` is the sentence shown when a value is below range or
     of the wrong type ("rank must be a positive integer"); values above ``le`` get their own
     sentence naming the limit.
     """
@@ -94,6 +95,14 @@ class FieldSpec:
             return [part.strip() for part in value.split(",") if part.strip()]
         if self.kind == "modules" and isinstance(value, (list, tuple)):
             return list(value)
+        if self.kind == "list":
+            if value is None or (isinstance(value, str) and value.lower() in ("", "none")):
+                return []
+            if isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            if isinstance(value, (list, tuple)):
+                items = [item.strip() if isinstance(item, str) else item for item in value]
+                return [] if items == ["none"] else items
         return value
 
     def problem(self, value: Any) -> str | None:
@@ -113,6 +122,8 @@ class FieldSpec:
         if self.kind == "modules":
             ok = value == ALL_LINEAR or (isinstance(value, list) and value and all(isinstance(t, str) and t for t in value))
             return None if ok else f"must be 'all-linear' or a non-empty list of module names{got}"
+        if self.kind == "list":
+            return self._list_problem(value)
         if self.kind in ("int", "float", "number"):
             numeric = _is_int(value) if self.kind == "int" else _is_num(value)
             if not numeric or not math.isfinite(value) or (self.ge is not None and value < self.ge) \
@@ -129,6 +140,20 @@ class FieldSpec:
             listed = ", ".join(map(str, choices[:10])) + (f" … ({len(choices)} in all)" if len(choices) > 10 else "")
             return f"must be one of {listed}, got {value!r}{suggest(str(value), [str(c) for c in choices])}."
 
+        return None
+
+    def _list_problem(self, value: Any) -> str | None:
+        """A list kind: a list of distinct choices; 'none' only alone (it means the empty list)."""
+        choices = tuple(self.choices or ())
+        if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+            return f"must be a list of names from {', '.join(choices)}, got {value!r}."
+        for item in value:
+            if item not in choices:
+                return f"'{item}' is not one of {', '.join(choices)}{suggest(item, choices)}, got {value!r}."
+        if "none" in value:
+            return f"'none' cannot be combined with other names, got {value!r}."
+        if len(set(value)) != len(value):
+            return f"names a value twice, got {value!r}."
         return None
 
 
@@ -258,6 +283,10 @@ class TrainSection:
     memory_probe: bool = spec(False, "Measurement run: record the memory of every training phase (weights loaded, "
                               "forward, backward, optimizer step) in memory_probe.json and skip the final checkpoint. "
                               "The Memory tab's measured comparison sets it.", "Memory probe")
+    report_to: list = spec([], "Experiment trackers that get a copy of the metrics (transformers' report_to): "
+                           "tensorboard, trackio, mlflow, wandb; each writes inside the run directory and "
+                           "a missing or failing one never fails the run.", "Report to (trackers)", kind="list",
+                           choices_from=REPORT_TO_CHOICES)
 
 
 @dataclass

@@ -67,18 +67,82 @@ def load_snippet(lineage: dict) -> str:
     return load + ask
 
 
+DATA_SUFFIXES = (".jsonl", ".json", ".csv", ".parquet", ".txt", ".arrow")
+
+
+def hub_datasets(lineage: dict) -> list[str]:
+    """The hub dataset ids a run trained or evaluated on (local files and the demo are not hub datasets)."""
+    from engine.hub import looks_like_hub_id
+
+    found = []
+    for split in ("train", "eval"):
+        item = (lineage.get("data") or {}).get(split)
+        source = item.get("source") if isinstance(item, dict) else None
+        if source and looks_like_hub_id(source) and not source.lower().endswith(DATA_SUFFIXES):
+            found.append(source)
+    return list(dict.fromkeys(found))
+
+
+def base_license(base: dict) -> dict:
+    """The base model's license fields, read from its own model card when one is on this machine."""
+    from huggingface_hub import ModelCard, try_to_load_from_cache
+
+    resolved = base.get("resolved") or base.get("name_or_path") or ""
+    card_path = Path(resolved, "README.md")
+    if not card_path.is_file() and base.get("commit"):
+        cached = try_to_load_from_cache(base.get("name_or_path"), "README.md", revision=base["commit"])
+        card_path = Path(cached) if isinstance(cached, str) else card_path
+    if not card_path.is_file():
+        return {}
+    try:
+        data = ModelCard.load(card_path, ignore_metadata_errors=True).data
+    except Exception:  # noqa: BLE001 - an unreadable base card only means the license is unknown
+        return {}
+    return {key: getattr(data, key, None) for key in ("license", "license_name", "license_link")
+            if getattr(data, key, None)}
+
+
+def card_metadata(lineage: dict):
+    """The card's YAML front matter as huggingface_hub's ``ModelCardData``: what the Hub shows and indexes.
+
+    ``base_model`` only when the base is a hub id with a known commit (a local folder means nothing
+    on the Hub); ``datasets`` only hub datasets; ``license`` when the base model's card states one; the
+    final held-out loss as an eval result in the card's model-index format.
+    """
+    from huggingface_hub import EvalResult, ModelCardData
+
+    export, base, metrics = lineage["export"], lineage["base_model"], lineage["metrics"]
+    merged = export["kind"] == "merged"
+    datasets = hub_datasets(lineage)
+    extra = {}
+    if base.get("commit"):
+        extra["base_model"] = base.get("name_or_path")
+        extra["base_model_relation"] = "finetune" if merged else "adapter"
+    eval_results = None
+    if metrics.get("final_eval_loss") is not None:
+        eval_split = (lineage.get("data") or {}).get("eval") or {}
+        source = eval_split.get("source") if isinstance(eval_split, dict) else None
+        dataset = source or (datasets[0] if datasets else "held-out rows of the training data")
+        eval_results = [EvalResult(task_type="text-generation", task_name="Supervised fine-tuning",
+                                   dataset_type=dataset, dataset_name=dataset,
+                                   dataset_split="eval" if source else "held out from train",
+                                   metric_type="loss", metric_name="eval loss (cross-entropy per token)",
+                                   metric_value=round(float(metrics["final_eval_loss"]), 6),
+                                   verified=False)]
+    return ModelCardData(
+        model_name=export["name"], library_name="transformers" if merged else "peft",
+        pipeline_tag="text-generation",
+        tags=list(dict.fromkeys(["loralab", "lora", lineage["method"], "trl", "sft"] + (["merged"] if merged else []))),
+        datasets=datasets or None, eval_results=eval_results, **base_license(base), **extra)
+
+
 def render_card(lineage: dict) -> str:
     export, base, run = lineage["export"], lineage["base_model"], lineage["run"]
     adapter, training, data = lineage["adapter"], lineage["training"], lineage.get("data") or {}
     metrics, ratings, verification = lineage["metrics"], lineage.get("ratings") or {}, lineage["verification"]
     software = lineage["software"]
     merged = export["kind"] == "merged"
-    hub_base = base.get("name_or_path") if base.get("commit") else None
-    front = {"library_name": "transformers" if merged else "peft", "pipeline_tag": "text-generation",
-             "tags": list(dict.fromkeys(["loralab", "lora", lineage["method"]] + (["merged"] if merged else [])))}
-    if hub_base:
-        front["base_model"] = hub_base
-    lines = ["---", yaml.safe_dump(front, sort_keys=False).strip(), "---", "",
+    lines = ["---", card_metadata(lineage).to_yaml().strip(), "---", "",
              f"# {export['name']}", ""]
     what = (f"A standalone model: the LoRA adapter of run `{run['name']}` merged into its base with PEFT's "
             f"`merge_and_unload`, stored in {export['dtype']} safetensors "

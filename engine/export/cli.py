@@ -30,7 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard, e.g. 2GB or 500MB")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing export of the same name")
     parser.add_argument("--zip", action="store_true", help="also write <name>.zip beside the export")
+    parser.add_argument("--push", metavar="REPO_ID", help="then upload the export to this Hugging Face Hub "
+                                                          "repository (owner/name), made if missing; needs a token")
+    parser.add_argument("--private", action="store_true", help="with --push: create the repository private")
     args = parser.parse_args(argv)
+    if args.push:
+        from engine.export.push import push_problem
+
+        problem = push_problem(args.push)  # within seconds, before the export's minutes of work
+        if problem:
+            print(f"error: {problem}", file=sys.stderr)
+            return 1
 
     def say(fraction: float, message: str) -> None:
         print(f"[{fraction:4.0%}] {message}", flush=True)
@@ -42,6 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(result.summary())
         if args.zip:
             print(f"zip: {zip_export(args.exports_dir, result.name, progress=None)}")
+        if args.push:
+            from engine.export.push import push_export
+
+            say(0.95, f"Pushing {result.name} to the Hugging Face Hub as {args.push}.")
+            print(f"pushed: {push_export(result.path, args.push, private=args.private)}")
     except LoraLabError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

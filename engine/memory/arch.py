@@ -18,11 +18,12 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from engine import PRESETS_DIR
 from engine.demo import DEMO_MODEL_NAME
 from engine.errors import ConfigError, ModelNotFoundError
 from engine.hub import looks_like_hub_id, resolve_model, resolve_source
 
-CATALOG_DIR = Path(__file__).resolve().parents[2] / "presets" / "models"
+CATALOG_DIR = PRESETS_DIR / "models"
 
 # The numbers nothing can be estimated without, with the config.json key that carries each.
 REQUIRED_FIELDS = {

@@ -202,6 +202,10 @@ def show_main(argv: list[str]) -> int:
     print(json.dumps({k: v for k, v in status.items() if k not in ("history", "notes")}, indent=2, default=str))
     for note in summary.notes:
         print(f"note: {note}")
+    from engine.training.trackers import read_destinations
+
+    for item in read_destinations(run_dir):
+        print(f"--- {item.get('label')}: {item.get('where')}\n    open: {item.get('open')}")
     print("--- train.log (tail)")
     print(rundir.log_tail(run_dir, args.log_lines))
     return 0

@@ -120,6 +120,7 @@ class RunPaths:
     lock = property(lambda self: self.root / ".lock")
     worker_lock = property(lambda self: self.root / "worker.lock")
     reserve = property(lambda self: self.root / ".reserve")
+    trackers = property(lambda self: self.root / "trackers.json")  # where tracker copies went (trackers.py)
 
 
 # ----------------------------------------------------------------------------- small file helpers

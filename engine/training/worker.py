@@ -19,7 +19,7 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.training import devices, recovery, rundir
+from engine.training import devices, recovery, rundir, trackers
 from engine.config import RunConfig
 from engine.config.build import (
     Runtime, boosters_line, decide_runtime, model_load_kwargs, to_data_collator, to_lora_config, to_sft_config,
@@ -45,8 +45,12 @@ def log(message: str) -> None:
 def record_runtime(run_dir: Path, runtime: Runtime) -> None:
     """Say every setting this machine cannot honour, in the log and in status.json."""
     for sentence in runtime.fallbacks:
-        log(f"fallback: {sentence}")
-        add_fallback(run_dir, sentence)
+        record_fallback(run_dir, sentence)
+
+
+def record_fallback(run_dir: Path, sentence: str) -> None:
+    log(f"fallback: {sentence}")
+    add_fallback(run_dir, sentence)
 
 
 # ----------------------------------------------------------------------------- builders
@@ -240,6 +244,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
         update_status(run_dir, "stopped", message="Stopped while waiting for the device; nothing was trained.")
         paths.stop_request.unlink(missing_ok=True)
         return "stopped"
+    trackers.prepare(run_dir, runtime, say=lambda sentence: record_fallback(run_dir, sentence))
     update_status(run_dir, message="Finding the base model.")
     model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
@@ -280,6 +285,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
                          processing_class=tokenizer, peft_config=to_lora_config(config),
                          callbacks=callbacks + [recovery.callback()] + ([probe] if probe else []),
                          data_collator=to_data_collator(config, runtime, tokenizer))
+    trackers.guard(trainer, say=lambda sentence: record_fallback(run_dir, sentence))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
     else:  # full fine-tuning
