@@ -175,8 +175,7 @@ def measure_one(spec: dict, cache_dir: Path, steps: int, smoke: bool) -> dict:
             nvml = NvmlPeak()  # before CUDA starts: the baseline is everything else on the GPU
         except Exception as exc:  # noqa: BLE001 - report the torch side alone
             print(f"NVML unavailable ({exc})", file=sys.stderr)
-    sampler = GpuSampler(interval_s=0.05)
-    sampler.attach(Path(tempfile.mkdtemp(prefix="loralab-gpu-check-")), os.getpid())
+    sampler = GpuSampler(interval_s=0.05, run_dir=Path(tempfile.mkdtemp(prefix="loralab-gpu-check-")), pid=os.getpid())
     import torch
 
     from bench.memory_harness import apply_liger, build_model, forward_loss, make_optimizer
