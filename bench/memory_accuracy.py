@@ -39,8 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from engine.memory.estimator import GiB, MemorySettings, estimate  # noqa: E402
-from engine.memory.arch import arch_from_config, load_arch  # noqa: E402
+from engine.memory.arch import arch_from_config, load_arch
+from engine.memory.estimator import GiB, MemorySettings, estimate
 
 DEFAULT_MODELS = "llama-3.2-1b,llama-3.2-3b,llama-3.1-8b"
 TARGET_WORST_ERROR = 0.05

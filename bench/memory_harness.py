@@ -15,7 +15,6 @@ torch, transformers, peft and bitsandbytes are imported inside the functions.
 from __future__ import annotations
 
 import functools
-import json
 import tempfile
 import weakref
 from pathlib import Path

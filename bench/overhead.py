@@ -43,8 +43,8 @@ print(json.dumps({"runtime": result.metrics["train_runtime"], "tokens": trainer.
 
 
 def run_worker(runs_dir: Path, steps: int) -> float:
-    from engine.training import rundir
     from engine.config import load_preset
+    from engine.training import rundir
 
     config = load_preset("demo-lora", [f"train.max_steps={steps}", "data.eval_path=null", "data.eval_fraction=0",
                                        f"train.save_steps={steps * 10}"])

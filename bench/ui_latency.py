@@ -136,9 +136,10 @@ def main() -> None:
                 try:
                     urllib.request.urlopen(url, timeout=2)
                     break
-                except OSError:
+                except OSError as error:
                     if time.time() > deadline or app.poll() is not None:
-                        raise SystemExit(f"the dashboard did not start:\n{(Path(scratch) / 'app.log').read_text()}")
+                        log = (Path(scratch) / "app.log").read_text()
+                        raise SystemExit(f"the dashboard did not start:\n{log}") from error
                     time.sleep(0.3)
             subprocess.run([sys.executable, "-m", "engine", "train", "demo-lora", "--name", "bench", "--detach",
                             "--runs-dir", str(runs_dir), "--set", "train.max_steps=100000", "--set",

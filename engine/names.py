@@ -13,7 +13,7 @@ import re
 from engine.errors import LoraLabError
 
 MAX_LENGTH = 100
-_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9_.-]{0,%d}" % (MAX_LENGTH - 1))
+_PATTERN = re.compile(rf"[A-Za-z0-9_-][A-Za-z0-9_.-]{{0,{MAX_LENGTH - 1}}}")
 ALLOWED = (f"only letters, digits, '-', '_' and '.' are allowed, up to {MAX_LENGTH} characters, "
            "not starting with '.'")
 

@@ -15,11 +15,21 @@ from pathlib import Path
 
 import pytest
 
-from engine.chat.cli import main as cli_main
 from engine.chat import (
-    BASE, FINETUNED, ChatModels, Sampling, adapter_options, held_out_prompts, prompts_from_file,
-    prompts_from_lines, resolve_adapter, source_for_folder, source_for_run, token_f1,
+    BASE,
+    FINETUNED,
+    ChatModels,
+    Sampling,
+    adapter_options,
+    held_out_prompts,
+    prompts_from_file,
+    prompts_from_lines,
+    resolve_adapter,
+    source_for_folder,
+    source_for_run,
+    token_f1,
 )
+from engine.chat.cli import main as cli_main
 from engine.chat.ratings import make_blind_items, read_ratings, record_rating, win_rate
 from engine.errors import ConfigError, DataError, ModelNotFoundError, RunError
 
@@ -133,8 +143,8 @@ def test_stop_during_the_base_side_ends_both_within_a_second(loaded):
     last = next(stream)
     started = time.monotonic()
     stop.set()
-    for last in stream:
-        pass
+    for pair in stream:  # drain; the last pair is what the user sees
+        last = pair
     elapsed = time.monotonic() - started
     assert elapsed < 1.0
     assert last[1] == ""  # the fine-tuned side never started

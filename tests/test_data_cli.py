@@ -13,9 +13,9 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from engine.data.cli import main as cli_main
-from engine.data.load import load_dataset_rows  # noqa: E402
-
+from engine.data.load import load_dataset_rows
 from tests.data import tiny_tokenizer
+
 DATA = Path(__file__).parent / "data"
 
 

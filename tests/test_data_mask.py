@@ -10,12 +10,12 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from engine.data.load import load_dataset_rows  # noqa: E402
-from engine.data.preview import CUT_OFF, TRAINED, encode_row, render_segments, training_template  # noqa: E402
-from engine.data.stats import compute_token_stats, length_histogram, steps_per_epoch  # noqa: E402
-from engine.errors import DataError  # noqa: E402
-
+from engine.data.load import load_dataset_rows
+from engine.data.preview import CUT_OFF, TRAINED, encode_row, render_segments, training_template
+from engine.data.stats import compute_token_stats, length_histogram, steps_per_epoch
+from engine.errors import DataError
 from tests.data import tiny_tokenizer
+
 DATA = Path(__file__).parent / "data"
 MAX_LENGTH = 48
 

@@ -11,8 +11,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from engine.data.load import load_dataset_rows
 from engine.data.formats import FORMATS
+from engine.data.load import load_dataset_rows
 from engine.data.preview import encode_row, training_template
 from engine.data.stats import StatsAccumulator
 from engine.errors import DataError

@@ -9,7 +9,13 @@ import pytest
 from engine.config import RunConfig, field_spec, load_preset
 from engine.errors import ConfigError
 from engine.evals import (
-    METRICS, build_options, check_references, get_metric, load_schema, option_problems, prompts_from_rows,
+    METRICS,
+    build_options,
+    check_references,
+    get_metric,
+    load_schema,
+    option_problems,
+    prompts_from_rows,
     score_answers,
 )
 from engine.evals.metrics import contains, exact_match, json_equal, regex_match, token_f1, valid_json

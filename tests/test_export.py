@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from engine.export.cli import main as cli_main
-from engine.training import rundir
-from engine.export.exporter import (ExportError, export_run, list_exports, safe_export_dir, zip_export)
+from engine.export.exporter import ExportError, export_run, list_exports, safe_export_dir, zip_export
 from engine.export.verify import UNIT_ROUNDOFF, VerificationError, tolerance_for
+from engine.training import rundir
 
 PROMPT = [{"role": "user", "content": "Extract as JSON: the small green key is near the door."}]
 

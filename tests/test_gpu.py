@@ -16,8 +16,8 @@ import psutil
 import pynvml
 import pytest
 
-from engine.training.sampler import GpuSampler, take_rss_sample, take_sample
 from engine.training.rundir import read_gpu_samples
+from engine.training.sampler import GpuSampler, take_rss_sample, take_sample
 from tests.fake_pynvml import NOT_AVAILABLE, FakeGpu, FakeNvml, FakeProcess, GiB
 
 REPO = Path(__file__).resolve().parent.parent

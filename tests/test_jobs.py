@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from engine.training import rundir
 from engine.config import load_preset
+from engine.training import rundir
 from engine.training.jobs import JobManager, wait_for_state
 
 FAST = ["train.max_steps=24", "train.logging_steps=1", "train.save_steps=6", "train.eval_steps=12",

@@ -24,9 +24,18 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from engine.errors import ConfigError, ModelNotFoundError
+from engine.memory.activations import activation_profile
+from engine.memory.arch import (
+    ArchitectureIncompleteError,
+    arch_from_config,
+    arch_from_numbers,
+    catalog_entry,
+    catalog_ids,
+    load_arch,
+)
 from engine.memory.cli import main as cli_main
-from engine.errors import ConfigError, ModelNotFoundError  # noqa: E402
-from engine.memory.estimator import (  # noqa: E402
+from engine.memory.estimator import (
     GPUS,
     MemoryEstimate,
     MemorySettings,
@@ -39,15 +48,6 @@ from engine.memory.estimator import (  # noqa: E402
     resolve_targets,
     settings_from_run_config,
     trace_plan,
-)
-from engine.memory.activations import activation_profile  # noqa: E402
-from engine.memory.arch import (  # noqa: E402
-    ArchitectureIncompleteError,
-    arch_from_config,
-    arch_from_numbers,
-    catalog_entry,
-    catalog_ids,
-    load_arch,
 )
 
 ROOT = Path(__file__).resolve().parent.parent

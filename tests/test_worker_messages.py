@@ -2,8 +2,8 @@
 
 import torch
 
-from engine.errors import ConfigError
 from engine.config.build import decide_runtime
+from engine.errors import ConfigError
 from engine.training.worker import explain_failure, record_runtime
 
 
@@ -23,8 +23,8 @@ def test_project_errors_pass_through_and_others_name_their_type():
 
 
 def test_cpu_fallbacks_are_recorded_in_words(tmp_path):
-    from engine.training import rundir
     from engine.config import load_preset
+    from engine.training import rundir
 
     config = load_preset("qlora")
     run_dir = rundir.create_run(tmp_path, config)

@@ -22,8 +22,9 @@ Memory samples: the format documented in ``engine.training.sampler``.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import plotly.graph_objects as go
 from plotly.colors import qualitative

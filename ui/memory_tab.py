@@ -17,6 +17,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from engine.errors import LoraLabError
+from engine.memory.arch import ModelArch, arch_from_numbers, catalog_ids, load_arch
 from engine.memory.estimator import (
     GPUS,
     METHOD_LABELS,
@@ -29,7 +30,6 @@ from engine.memory.estimator import (
     max_batch_or_seq_that_fits,
     settings_from_run_config,
 )
-from engine.memory.arch import ModelArch, arch_from_numbers, catalog_ids, load_arch
 
 GIB = 2**30
 SOURCES = ("Catalog", "Folder or hub id", "Custom dimensions")

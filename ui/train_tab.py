@@ -19,7 +19,13 @@ from gradio.components.plot import PlotData
 
 from engine.chat.ratings import format_win_rate_cell
 from engine.config import (
-    METHODS, RunConfig, command_line, config_diff, field_spec, list_presets, load_preset,
+    METHODS,
+    RunConfig,
+    command_line,
+    config_diff,
+    field_spec,
+    list_presets,
+    load_preset,
 )
 from engine.config.build import boosters_line
 from engine.config.overrides import render_value

@@ -13,7 +13,14 @@ from pathlib import Path
 
 from engine.errors import ModelNotFoundError, RunError
 from engine.training.rundir import (
-    ADAPTER_WEIGHTS, RunPaths, checkpoints, has_adapter, latest_adapter, load_config, read_run_status, resolve_run,
+    ADAPTER_WEIGHTS,
+    RunPaths,
+    checkpoints,
+    has_adapter,
+    latest_adapter,
+    load_config,
+    read_run_status,
+    resolve_run,
 )
 
 LATEST = "latest"

@@ -5,7 +5,13 @@ place it becomes library objects (``engine.config.build``: LoraConfig, BitsAndBy
 from engine.config.overrides import command_line, config_diff, overrides_between
 from engine.config.presets import PRESETS_DIR, list_presets, load_preset, preset_path
 from engine.config.schema import (
-    METHODS, SECTIONS, FieldSpec, RunConfig, field_help, field_spec, field_specs,
+    METHODS,
+    SECTIONS,
+    FieldSpec,
+    RunConfig,
+    field_help,
+    field_spec,
+    field_specs,
 )
 
 __all__ = [

@@ -520,7 +520,8 @@ class FolderReader(RecordReader):
         return (self._done + inner) / len(self.files)
 
     def __iter__(self) -> Iterator[Record]:
-        for self._done, file in enumerate(self.files):
+        for done, file in enumerate(self.files):
+            self._done = done  # progress() reads it from another thread
             self._current = open_file_records(file)
             yield from self._current
         self._done = len(self.files)

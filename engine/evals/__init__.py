@@ -9,8 +9,18 @@ the config schema can read the metric names.
 """
 
 from engine.evals.metrics import (
-    METRIC_CHOICES, METRICS, Metric, Scores, build_options, check_references, get_metric, load_schema,
-    option_problems, parse_json, score_answers, token_f1,
+    METRIC_CHOICES,
+    METRICS,
+    Metric,
+    Scores,
+    build_options,
+    check_references,
+    get_metric,
+    load_schema,
+    option_problems,
+    parse_json,
+    score_answers,
+    token_f1,
 )
 from engine.evals.prompts import PromptItem, prompts_from_rows
 

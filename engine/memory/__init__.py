@@ -7,7 +7,13 @@ what autograd saves op by op, ``estimator`` adds the terms up; ``cli`` is
 
 from engine.memory.arch import ModelArch, catalog_ids, load_arch
 from engine.memory.estimator import (
-    GPUS, MemoryEstimate, MemorySettings, estimate, estimate_for_run_config, fits_on_gpus, format_bytes,
+    GPUS,
+    MemoryEstimate,
+    MemorySettings,
+    estimate,
+    estimate_for_run_config,
+    fits_on_gpus,
+    format_bytes,
     settings_from_run_config,
 )
 

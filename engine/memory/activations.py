@@ -410,7 +410,7 @@ def add(a: Sym, b: Sym) -> Sym:
 def decoder_layer(tr: Trace, arch: ModelArch, x: Sym, cos: Sym, sin: Sym, mask: Sym | None) -> Sym:
     """One decoder block of ``arch``, following its Hugging Face forward()."""
     plan = tr.plan
-    tokens, h, i = plan.tokens, arch.hidden_size, arch.intermediate_size
+    tokens, i = plan.tokens, arch.intermediate_size
     style = "gemma" if arch.block == "gemma2" else "llama"
     layers = arch.linear_by_name()
 

@@ -10,7 +10,13 @@ from dataclasses import replace
 from engine.errors import ConfigError, LoraLabError
 from engine.memory.arch import arch_from_numbers, catalog_ids, load_arch
 from engine.memory.estimator import (
-    ATTENTION, GPUS, MemorySettings, estimate, fits_on_gpus, format_table, max_batch_or_seq_that_fits,
+    ATTENTION,
+    GPUS,
+    MemorySettings,
+    estimate,
+    fits_on_gpus,
+    format_table,
+    max_batch_or_seq_that_fits,
 )
 
 

@@ -12,8 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-from engine.training import rundir
 from engine.errors import LoraLabError
+from engine.training import rundir
 
 DEFAULT_RUNS_DIR = Path(os.environ.get("LORALAB_RUNS_DIR", "runs"))
 

@@ -21,6 +21,7 @@ released first, and what could not be recorded is said once on stderr.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -31,8 +32,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from engine.training import rundir
 from engine.errors import RunError
+from engine.training import rundir
 from engine.training.rundir import RunPaths, update_launch
 from engine.training.worker import EXIT_DUPLICATE
 
@@ -204,7 +205,7 @@ class JobManager:
             self.recover()
 
     # ------------------------------------------------------------------ lifecycle
-    def start(self) -> "JobManager":
+    def start(self) -> JobManager:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name="loralab-jobs", daemon=True)
             self._thread.start()
@@ -311,8 +312,9 @@ class JobManager:
                         continue  # started meanwhile by another dashboard sharing this runs folder
                     process = spawn_worker(run_dir, resume=resume)
                 except RunError as error:
-                    self._record(f"why run '{run_dir.name}' did not start", lambda: update_launch(
-                        run_dir, "failed", message="Not started.", error=str(error), queue_position=None))
+                    self._record(f"why run '{run_dir.name}' did not start", functools.partial(
+                        update_launch, run_dir, "failed", message="Not started.", error=str(error),
+                        queue_position=None))
                     continue
                 self.active = ActiveJob(run_dir=run_dir, process=process, pid=process.pid)
             if popped:
@@ -343,7 +345,7 @@ class JobManager:
                 continue
             if status.recorded_state is not None:
                 self._record(f"that run '{summary.name}' was interrupted",
-                             lambda: mark_dead_worker(summary.path, None, interrupted=True))
+                             functools.partial(mark_dead_worker, summary.path, None, interrupted=True))
             elif status.active and self.active is None:
                 pid = rundir.live_worker_pid(summary.path, status.pid) or status.pid
                 self.active = ActiveJob(run_dir=summary.path, process=None, pid=pid)

@@ -24,7 +24,6 @@ from pathlib import Path
 
 from engine.training import rundir
 
-
 _PENDING: list[OSError] = []  # a write that failed on another thread (the memory sampler's), raised at the next step
 
 

@@ -129,7 +129,7 @@ def _read_nvml(nvml: Any, pid: int | None, now: float | None) -> tuple[dict, boo
         nonlocal needs_reinit
         try:
             return fn(*args)
-        except Exception as exc:  # one failed query must not cost the whole sample
+        except Exception as exc:  # noqa: BLE001 - one failed query must not cost the whole sample
             if _is_error(nvml, exc, *_NOT_SUPPORTED):
                 return None  # normal on some boards (MIG slices, no power sensor)
             needs_reinit = needs_reinit or _needs_reinit(nvml, exc)
@@ -423,7 +423,7 @@ class GpuSampler:
                 try:
                     self._nvml.nvmlInit()
                     self._nvml_ready = True
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - NVML bindings raise many types; the sampler says why and goes on
                     sample = _empty_sample(SOURCE_NVML, None)
                     sample["error"] = f"NVML could not start again: {describe_error(exc)}"
                     return sample
@@ -448,7 +448,7 @@ class GpuSampler:
                     return
             try:
                 nvml.nvmlInit()
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - NVML bindings raise many types; the sampler says why and goes on
                 self._use_rss(f"NVML: {describe_error(exc)}")
                 return
             self._nvml, self._nvml_ready = nvml, True
@@ -458,7 +458,7 @@ class GpuSampler:
                 for index in range(count):
                     name = nvml.nvmlDeviceGetName(nvml.nvmlDeviceGetHandleByIndex(index))
                     names.append(name.decode() if isinstance(name, bytes) else str(name))
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - NVML bindings raise many types; the sampler says why and goes on
                 self._shutdown_nvml()
                 self._use_rss(f"NVML: {describe_error(exc)}")
                 return
@@ -479,7 +479,7 @@ class GpuSampler:
         self._nvml_ready = False
         try:
             self._nvml.nvmlShutdown()
-        except Exception:
+        except Exception:  # noqa: BLE001 - NVML bindings raise many types; the sampler says why and goes on
             pass  # already gone (GPU lost, driver unloaded): initialising again is what matters
 
     def _append(self, path: Path, sample: dict) -> None:

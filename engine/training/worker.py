@@ -19,13 +19,19 @@ import time
 import traceback
 from pathlib import Path
 
-from engine.training import devices, recovery, rundir, trackers
 from engine.config import RunConfig
 from engine.config.build import (
-    Runtime, boosters_line, decide_runtime, model_load_kwargs, to_data_collator, to_lora_config, to_sft_config,
+    Runtime,
+    boosters_line,
+    decide_runtime,
+    model_load_kwargs,
+    to_data_collator,
+    to_lora_config,
+    to_sft_config,
 )
 from engine.errors import LoraLabError
 from engine.hub import resolve_model
+from engine.training import devices, recovery, rundir, trackers
 from engine.training.rundir import RunPaths, add_fallback, update_status
 from engine.training.sampler import GpuSampler
 from engine.training.task_eval import make_task_eval_callback, plan_task_eval
@@ -233,7 +239,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     config = RunConfig.from_yaml(paths.config).validate()
     log(f"run {run_dir.name}: method {config.method}, base {config.model.name_or_path}")
 
-    import torch  # noqa: F401  (heavy imports only once the config is known to be valid)
+    import torch
     from transformers import AutoTokenizer
     from trl import SFTTrainer
 
