@@ -49,3 +49,41 @@ def generate_greedy(model, tokenizer, conversations: list[list[dict]], max_new_t
         if was_training:
             model.train()
     return answers
+
+
+def generate_timed(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
+    """One greedy answer, unbatched, with its latency: time to first token and tokens per second.
+
+    Unbatched on purpose: latency is a per-request figure (a batch's first token waits for its
+    longest prompt), and the promotion gate compares per-item percentiles. The first token's
+    time is taken by a ``StoppingCriteria``, which ``generate`` calls once after every new token.
+    """
+    import time
+
+    import torch
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    stamps: list[float] = []
+
+    class Stamp(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            stamps.append(time.perf_counter())
+            return torch.zeros((input_ids.shape[0],), dtype=torch.bool, device=input_ids.device)
+
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    device = next(model.parameters()).device
+    batch = tokenizer(encode_prompt(tokenizer, messages), return_tensors="pt", add_special_tokens=False)
+    batch = {k: v.to(device) for k, v in batch.items() if k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        started = time.perf_counter()
+        output = model.generate(**batch, do_sample=False, temperature=None, top_p=None, top_k=None,
+                                max_new_tokens=max_new_tokens, pad_token_id=pad_id, use_cache=True,
+                                stopping_criteria=StoppingCriteriaList([Stamp()]))
+        ended = time.perf_counter()
+    new_tokens = output[0, batch["input_ids"].shape[1]:]
+    count = int(new_tokens.shape[0])
+    first = (stamps[0] - started) if stamps else ended - started
+    decode_s = ended - (stamps[0] if stamps else started)
+    return {"answer": tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), "tokens": count,
+            "ttft_s": first, "total_s": ended - started,
+            "tokens_per_s": (count - 1) / decode_s if count > 1 and decode_s > 0 else None}

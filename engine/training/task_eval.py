@@ -108,41 +108,42 @@ def make_task_eval_callback(run_dir: Path, plan: TaskEvalPlan, log=print):
 
 
 # ----------------------------------------------------------------------------- after training
-def evaluate_run(run_dir: Path, metric: str | None = None, limit: int | None = None, adapter: str = "adapter",
-                 log=print) -> dict:
-    """Score a finished run's adapter and its base on the held-out prompts (``python -m engine evaluate``).
+def held_out_rows(config) -> list:
+    """The run's held-out rows, split exactly as the worker split them."""
+    from engine.data.load import load_dataset_rows, split_rows
 
-    The same plan, generation and metric as during training, on as many prompts as asked
-    (all by default), the base loaded as the run trained it (4-bit for QLoRA). The base is
-    the same model with the adapter switched off, so the two scores differ by the adapter only.
+    data = config.data
+    if data.eval_path:
+        return load_dataset_rows(data.eval_path, fmt=data.format, skip_bad=data.skip_bad_rows,
+                                 split="eval" if data.eval_path == "demo" else "train").rows
+    return split_rows(load_dataset_rows(data.path, fmt=data.format, skip_bad=data.skip_bad_rows).rows,
+                      data.eval_fraction, config.train.seed)[1]
+
+
+def run_adapter_dir(run_dir: Path, adapter: str = "adapter") -> Path:
+    """The final adapter or ``checkpoint-N`` of a run; RunError in words when it has none there."""
+    from engine.errors import RunError
+
+    run_dir = Path(run_dir)
+    adapter_dir = run_dir / adapter if adapter == "adapter" else rundir.RunPaths(run_dir).checkpoints / adapter
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise RunError(f"Run '{run_dir.name}' has no adapter at {adapter_dir} yet: nothing to evaluate.")
+    return adapter_dir
+
+
+def load_run_model(config, adapter_dir: Path, adapter_name: str = "default"):
+    """The run's base, loaded as the run trained it (4-bit for QLoRA), wrapped in PEFT with ``adapter_dir``.
+
+    One copy of the base: further adapters are added with ``model.load_adapter`` and the base
+    answers inside ``model.disable_adapter()``. Returns (model, tokenizer saved with the adapter).
     """
     import torch  # noqa: F401
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from engine.config.build import decide_runtime, model_load_kwargs
-    from engine.data.load import load_dataset_rows, split_rows
-    from engine.errors import RunError
     from engine.hub import resolve_model
 
-    run_dir = Path(run_dir)
-    config = rundir.load_config(run_dir)
-    adapter_dir = run_dir / adapter if adapter == "adapter" else rundir.RunPaths(run_dir).checkpoints / adapter
-    if not (adapter_dir / "adapter_config.json").is_file():
-        raise RunError(f"Run '{run_dir.name}' has no adapter at {adapter_dir} yet: nothing to evaluate.")
-    if metric:
-        config.eval.metric = metric
-    if config.eval.metric == "none":
-        config.eval.metric = "exact_match"
-    data = config.data
-    if data.eval_path:
-        rows = load_dataset_rows(data.eval_path, fmt=data.format, skip_bad=data.skip_bad_rows,
-                                 split="eval" if data.eval_path == "demo" else "train").rows
-    else:
-        rows = split_rows(load_dataset_rows(data.path, fmt=data.format, skip_bad=data.skip_bad_rows).rows,
-                          data.eval_fraction, config.train.seed)[1]
-    config.eval.num_samples = limit or len(rows)
-    plan = plan_task_eval(config, rows)
     runtime = decide_runtime(config)
     kwargs = model_load_kwargs(config, runtime, training=False)
     kwargs.pop("attn_implementation", None)
@@ -150,10 +151,33 @@ def evaluate_run(run_dir: Path, metric: str | None = None, limit: int | None = N
     model = AutoModelForCausalLM.from_pretrained(base_path, **kwargs)
     if "quantization_config" not in kwargs:
         model.to(runtime.device)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).eval()
+    model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def evaluate_run(run_dir: Path, metric: str | None = None, limit: int | None = None, adapter: str = "adapter",
+                 log=print) -> dict:
+    """Score a finished run's adapter and its base on the held-out prompts (``python -m engine evaluate``).
+
+    The same plan, generation and metric as during training, on as many prompts as asked
+    (all by default), the base loaded as the run trained it (4-bit for QLoRA). The base is
+    the same model with the adapter switched off, so the two scores differ by the adapter only.
+    ``python -m engine eval`` (``engine.releases.report``) builds the full report from the same pieces.
+    """
+    run_dir = Path(run_dir)
+    config = rundir.load_config(run_dir)
+    adapter_dir = run_adapter_dir(run_dir, adapter)
+    if metric:
+        config.eval.metric = metric
+    if config.eval.metric == "none":
+        config.eval.metric = "exact_match"
+    rows = held_out_rows(config)
+    config.eval.num_samples = limit or len(rows)
+    plan = plan_task_eval(config, rows)
+    model, tokenizer = load_run_model(config, adapter_dir)
     finetuned = plan.run(model, tokenizer)
     with model.disable_adapter():
         base = plan.run(model, tokenizer)
