@@ -25,6 +25,7 @@ def parse_args(argv=None, prog: str | None = None) -> argparse.Namespace:
     parser.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
     parser.add_argument("--runs-dir", type=Path, default=WORKSPACE / "runs")
     parser.add_argument("--exports-dir", type=Path, default=WORKSPACE / "exports")
+    parser.add_argument("--releases-dir", type=Path, default=WORKSPACE / "releases")
     parser.add_argument("--auth", help="user:password, or a file with one user:password per line")
     parser.add_argument("--max-upload-mb", type=int, default=200, help="largest accepted upload")
     return parser.parse_args(argv)
@@ -76,7 +77,7 @@ def main(argv=None, prog: str | None = None) -> None:
     sampler.start()
     jobs = JobManager(args.runs_dir).start()
     ctx = AppContext(runs_dir=args.runs_dir.resolve(), exports_dir=args.exports_dir.resolve(), jobs=jobs,
-                     sampler=sampler, max_upload_mb=args.max_upload_mb)
+                     sampler=sampler, max_upload_mb=args.max_upload_mb, releases_dir=args.releases_dir.resolve())
     demo = build_app(ctx)
     shown_host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"LoRA Lab: open http://{shown_host}:{args.port} (runs in {args.runs_dir})", flush=True)

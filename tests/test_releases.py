@@ -171,3 +171,29 @@ def test_gguf_bundle_verified_in_llama_cpp(promoted):
     assert {c["type"] for c in info["verification"]} == {"f16", "q8_0"}
     assert (folder / "Modelfile").read_text().startswith("FROM ./model-q8_0.gguf")
     assert not (folder / ".merged").exists()
+
+
+@pytest.mark.slow
+def test_ui_handlers_release_section_and_chat(promoted, release_run, tmp_path):
+    from ui import chat_tab, export_tab
+    from ui.context import AppContext
+
+    releases = tmp_path / "releases"
+    shutil.copytree(promoted[0], releases)
+    ctx = AppContext(runs_dir=release_run.parent, exports_dir=tmp_path / "exports", releases_dir=releases)
+    assert "| extract | v1 | - | v1, v2 |" in export_tab.release_overview(releases)
+    text, _ = export_tab.do_promote(ctx, release_run.name, "../x", 2, 0, 0, 10, False)
+    assert "Promotion failed" in text and "is not a valid release name" in text
+    text, _ = export_tab.do_rollback(ctx, "extract")
+    assert "no previous version" in text  # v1 is current after the module's rollback; nothing before it
+    text, overview = export_tab.do_promote(ctx, release_run.name, "extract", 2, 0, 0, 500, True)
+    assert "v3 is current" in text and "FORCED" in text and "| extract | v3 | v1 |" in overview
+    text, overview = export_tab.do_rollback(ctx, "extract")
+    assert "from v3 to v1" in text
+    # The Chat tab loads a release's versions on one base: current, then previous, without reloading it.
+    state, _ = chat_tab.load_adapter(ctx, None, None, "release:extract@v2")
+    assert "release extract v2" in state
+    state, _ = chat_tab.load_adapter(ctx, None, None, "release:extract")
+    assert "release extract v1 (current)" in state and "read from disk once" in state
+    state, _ = chat_tab.load_adapter(ctx, None, None, "release:../etc")
+    assert "is not a valid release name" in state

@@ -28,12 +28,13 @@ from engine.chat.ratings import describe_win_rate, win_rate
 from engine.errors import ConfigError, LoraLabError
 from engine.training.rundir import list_runs, resolve_run
 from ui import fields
-from ui.context import AppContext, bind
+from ui.context import AppContext, bind, releases_folder
 
 SOURCE_HELD_OUT, SOURCE_FILE, SOURCE_LINES = "Run's held-out split", "File", "Typed lines"
 LABELED_HEADERS = ["prompt", "base answer", "fine-tuned answer", "reference", "base F1", "fine-tuned F1"]
 BLIND_HEADERS = ["prompt", "answer A", "answer B", "reference"]
 CHOICE_BUTTONS = (("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both bad", "both_bad"))
+RELEASE_PREFIX = "release:"
 NOT_LOADED = "No model is loaded: choose a run (or an adapter folder) and press Load first."
 
 
@@ -111,7 +112,14 @@ def load_adapter(ctx: AppContext, run_name, which, folder):
     try:
         folder = (folder or "").strip()
         # The folder box takes any adapter folder; the run box a run name inside the runs folder only.
-        source = resolve_adapter(ctx.runs_dir, folder or (run_name or ""), which or LATEST, allow_path=bool(folder))
+        if folder.startswith(RELEASE_PREFIX):  # release:NAME or release:NAME@previous (or @vN)
+            from engine.releases import release_source
+
+            name, _, version = folder[len(RELEASE_PREFIX):].partition("@")
+            source = release_source(releases_folder(ctx), name.strip(), version.strip() or "current")
+        else:
+            source = resolve_adapter(ctx.runs_dir, folder or (run_name or ""), which or LATEST,
+                                     allow_path=bool(folder))
         text = _markdown_lines(models.load(source))
         rate = describe_win_rate(*win_rate(source.ratings_dir))
         return text, rate
@@ -305,8 +313,10 @@ def build(ctx: AppContext) -> None:
                               info="Finished, stopped or still running.")
         adapter_box = gr.Dropdown(label="Adapter", scale=2, info="The latest one, or a checkpoint.",
                                   **_adapter_dropdown(runs_dir, initial[0][1] if initial else None))
-        folder_box = gr.Textbox(label="…or any PEFT adapter folder", placeholder="/path/to/adapter", scale=3,
-                                info="When filled, used instead of the run.")
+        folder_box = gr.Textbox(label="…or any PEFT adapter folder, or a release", scale=3,
+                                placeholder="/path/to/adapter, release:NAME or release:NAME@previous",
+                                info="When filled, used instead of the run. Releases load on the same base, so "
+                                     "current and previous switch without reloading it.")
         with gr.Column(scale=1, min_width=120):
             refresh_button = gr.Button("Refresh runs", size="sm")
             load_button = gr.Button("Load", variant="primary")

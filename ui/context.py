@@ -30,6 +30,7 @@ class AppContext:
     jobs: JobManager | None = None
     sampler: GpuSampler | None = None
     max_upload_mb: float = 200
+    releases_dir: Path | None = None  # None: "releases" beside the exports folder (see releases_folder)
     chat: ChatModels | None = None  # made on first use by the Chat tab: one base in memory for the whole app
     # The Train tab's form components, in the order ``ui.train_tab.form_to_config`` reads them; the
     # Memory tab's "Use Train-tab settings" button takes them as inputs.
@@ -38,6 +39,11 @@ class AppContext:
     chat_stops: StopSignals = field(default_factory=StopSignals)
     # The Dataset tab's whole-dataset statistics passes; a browser session holds only its pass's id.
     stats_jobs: StatsJobs = field(default_factory=StatsJobs)
+
+
+def releases_folder(ctx: AppContext) -> Path:
+    """The releases folder: the app's --releases-dir, else ``releases`` beside the exports folder."""
+    return ctx.releases_dir or Path(ctx.exports_dir).parent / "releases"
 
 
 def bind(handler: Callable, *values) -> Callable:

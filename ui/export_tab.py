@@ -11,7 +11,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ui.context import AppContext, bind
+from ui.context import AppContext, bind, releases_folder
 
 KIND_LABELS = {"Adapter package (PEFT)": "adapter", "Merged model (standalone)": "merged"}
 EXPLANATION = (
@@ -113,6 +113,115 @@ def do_zip(ctx: AppContext, export_name, progress=gr.Progress()):
             gr.update(value=str(archive), visible=True, label=f"Download {archive.name}"))
 
 
+# ----------------------------------------------------------------------------- releases
+def release_overview(releases_dir: Path) -> str:
+    """Every release with its current and previous version, as Markdown."""
+    from engine.releases import list_releases
+
+    rows = list_releases(releases_dir)
+    if not rows:
+        return f"No releases yet in `{releases_dir}`: evaluate a run, then promote it."
+    lines = ["| release | current | previous | versions |", "|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['name']} | v{row['current']} | {'v' + str(row['previous']) if row['previous'] else '-'} "
+                     f"| {', '.join(f'v{v}' for v in row['versions'])} |")
+    return "\n".join(lines)
+
+
+def report_markdown_summary(report: dict) -> str:
+    """The eval report's headline numbers and flips (the whole report is report.html in the run)."""
+    from engine.releases.report import summary_line
+
+    lines = [summary_line(report), "",
+             "| side | score | schema errors | policy violations | TTFT p95 | per token p95 |",
+             "|---|---|---|---|---|---|"]
+    for side, data in report["sides"].items():
+        latency, schema = data["latency"], data["schema_errors"]
+        lines.append(f"| {side} | {data['score']:.3f} | {'n/a' if schema is None else schema}"
+                     f" | {data['policy_violations']} | {latency['ttft_p95_s'] * 1000:.1f} ms | "
+                     f"{latency['per_token_p95_s'] * 1000:.1f} ms |")
+    lines += ["", f"{len(report['failures'])} failure case(s); the full report with every answer is "
+                  f"`{report['run']}/eval/report.html`."]
+    return "\n".join(lines)
+
+
+def do_eval_report(ctx: AppContext, run_name, release_name, policy_file, limit, progress=gr.Progress()):
+    """The eval report of a run (base, adapter and, when it exists, the named release's current version)."""
+    from engine.releases import list_releases
+    from engine.releases.report import make_report
+    from engine.training import rundir
+
+    if not run_name:
+        return "**Eval failed:** choose a run with an adapter first."
+    try:
+        run_dir = rundir.resolve_run(ctx.runs_dir, run_name)
+        name = (release_name or "").strip()
+        against = name if name in {row["name"] for row in list_releases(releases_folder(ctx))} else None
+        say = (lambda message: progress(0.5, desc=message)) if progress else (lambda *_: None)
+        report = make_report(run_dir, against=against, releases_dir=releases_folder(ctx),
+                             policy_file=(policy_file or "").strip() or None, limit=int(limit) if limit else None,
+                             log=say)
+        return report_markdown_summary(report)
+    except Exception as error:  # noqa: BLE001 - shown as a sentence, never a stack trace
+        return _error_text(error).replace("Export failed", "Eval failed")
+
+
+def do_promote(ctx: AppContext, run_name, release_name, min_gain, max_schema, max_violations, max_latency, force):
+    """Promote the run's adapter through the gate; returns (status markdown, releases overview)."""
+    from engine.releases import Gate, PromotionRefused, promote
+    from engine.training import rundir
+
+    folder = releases_folder(ctx)
+    try:
+        gate = Gate(min_gain_points=float(min_gain), max_new_schema_errors=int(max_schema),
+                    max_new_policy_violations=int(max_violations), max_latency_increase_pct=float(max_latency))
+        run_dir = rundir.resolve_run(ctx.runs_dir, run_name or "")
+        result = promote(folder, run_dir, (release_name or "").strip(), gate=gate, force=bool(force),
+                         log=lambda *_: None)
+        text = f"**{(release_name or '').strip()} v{result['version']} is current.** {result['decision'].sentence()}"
+    except PromotionRefused as error:
+        text = f"**Refused.** {error}"
+    except Exception as error:  # noqa: BLE001
+        text = _error_text(error).replace("Export failed", "Promotion failed")
+    return text, release_overview(folder)
+
+
+def do_rollback(ctx: AppContext, release_name):
+    """Make the previous version current; returns (status markdown, releases overview)."""
+    from engine.releases import rollback
+
+    folder = releases_folder(ctx)
+    try:
+        moved = rollback(folder, (release_name or "").strip(), reason="Export tab", log=lambda *_: None)
+        text = f"**Rolled back** {release_name.strip()} from v{moved['from']} to v{moved['to']}."
+    except Exception as error:  # noqa: BLE001
+        text = _error_text(error).replace("Export failed", "Rollback failed")
+    return text, release_overview(folder)
+
+
+def do_bundle(ctx: AppContext, release_name, which, kinds, progress=gr.Progress()):
+    """Serving bundles of a release version (vLLM and/or GGUF), verified; status markdown."""
+    from engine.releases import resolve_version
+    from engine.releases.bundles import gguf_bundle, vllm_bundle
+
+    try:
+        version = resolve_version(releases_folder(ctx), (release_name or "").strip(), (which or "current").strip())
+        say = (lambda message: progress(0.5, desc=message)) if progress else (lambda *_: None)
+        lines = []
+        if "vLLM" in (kinds or []):
+            info = vllm_bundle(version, log=say)
+            lines.append(f"**vLLM bundle** in `{info['path']}`:\n\n```\n{info['command']}\n```")
+        if "GGUF" in (kinds or []):
+            info = gguf_bundle(version, log=say)
+            lines.append(f"**GGUF bundle** in `{info['path']}`:")
+            lines += [f"- {c['file']}: {c['bytes'] / 2**20:.2f} MiB, llama.cpp greedy tokens agree on "
+                      f"{c['tokens_agreeing']}/{c['tokens_compared']} (largest logit difference "
+                      f"{c['max_abs_logit_diff']:.3g}, tolerance {c['tolerance']:.3g})" for c in info["verification"]]
+        return "\n".join(lines) or "Choose vLLM and/or GGUF."
+    except Exception as error:  # noqa: BLE001
+        return _error_text(error).replace("Export failed", "Bundle failed")
+
+
 # ----------------------------------------------------------------------------- layout
 def build(ctx: AppContext) -> None:
     from engine.export.exporter import exportable_runs, list_exports
@@ -155,3 +264,50 @@ def build(ctx: AppContext) -> None:
     existing.change(hide_download, inputs=existing, outputs=download, api_name=False)
     zip_button.click(bind(do_zip, ctx), inputs=existing, outputs=[zip_status, download], api_name="export_zip",
                      **exporting)
+
+    build_releases(ctx, run)
+
+
+def build_releases(ctx: AppContext, run) -> None:
+    """The Releases section: eval report, promotion through the gate, rollback, serving bundles."""
+    from engine.releases.gate import Gate
+
+    folder = releases_folder(ctx)
+    gr.Markdown("#### Releases\nEvaluate the run chosen above against the current release (one base in memory), "
+                "promote it through the gate, roll back in one action, and make serving bundles. The same actions "
+                "are `python -m engine eval` and `python -m engine release ...`.")
+    with gr.Row():
+        release_name = gr.Textbox(label="Release name", placeholder="e.g. extract", scale=2)
+        policy = gr.Textbox(label="Policy file (optional)", placeholder="policy.yaml: forbidden_phrases, must_refuse",
+                            scale=3)
+        limit = gr.Number(label="Prompts (blank: all)", precision=0, minimum=1, scale=1)
+    eval_button = gr.Button("Eval report (against the release, if it exists)")
+    eval_status = gr.Markdown()
+    defaults = Gate()
+    with gr.Row():
+        min_gain = gr.Number(defaults.min_gain_points, label="Min gain (points)")
+        max_schema = gr.Number(defaults.max_new_schema_errors, label="Max new schema errors", precision=0)
+        max_violations = gr.Number(defaults.max_new_policy_violations, label="Max new policy violations", precision=0)
+        max_latency = gr.Number(defaults.max_latency_increase_pct, label="Max p95 latency increase (%)")
+        force = gr.Checkbox(False, label="Force (recorded)")
+    with gr.Row():
+        promote_button = gr.Button("Promote", variant="primary")
+        rollback_button = gr.Button("Roll back to previous")
+    release_status = gr.Markdown()
+    overview = gr.Markdown(release_overview(folder))
+    with gr.Row():
+        which = gr.Textbox("current", label="Version", info="current, previous or vN", scale=1)
+        kinds = gr.CheckboxGroup(["vLLM", "GGUF"], value=["vLLM"], label="Serving bundles", scale=2)
+        bundle_button = gr.Button("Make bundles", scale=1)
+    bundle_status = gr.Markdown()
+
+    exporting = dict(concurrency_id="export", concurrency_limit=1)
+    eval_button.click(bind(do_eval_report, ctx), inputs=[run, release_name, policy, limit], outputs=eval_status,
+                      api_name="release_eval", **exporting)
+    promote_button.click(bind(do_promote, ctx), inputs=[run, release_name, min_gain, max_schema, max_violations,
+                                                        max_latency, force],
+                         outputs=[release_status, overview], api_name="release_promote")
+    rollback_button.click(bind(do_rollback, ctx), inputs=release_name, outputs=[release_status, overview],
+                          api_name="release_rollback")
+    bundle_button.click(bind(do_bundle, ctx), inputs=[release_name, which, kinds], outputs=bundle_status,
+                        api_name="release_bundle", **exporting)
