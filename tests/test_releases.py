@@ -197,3 +197,24 @@ def test_ui_handlers_release_section_and_chat(promoted, release_run, tmp_path):
     assert "release extract v1 (current)" in state and "read from disk once" in state
     state, _ = chat_tab.load_adapter(ctx, None, None, "release:../etc")
     assert "is not a valid release name" in state
+
+
+def test_missing_llama_cpp_is_a_sentence(monkeypatch):
+    from engine.releases import bundles
+
+    real = bundles.importlib.util.find_spec
+    monkeypatch.setattr(bundles.importlib.util, "find_spec", lambda name: None if name == "llama_cpp" else real(name))
+    sentence = bundles.llama_cpp_problem()
+    assert "llama-cpp-python is not installed" in sentence and "-r requirements-gguf.txt" in sentence
+
+
+def test_an_unsupported_architecture_is_a_sentence(tmp_path):
+    pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional: pip install -r requirements-gguf.txt")
+    from engine.releases.bundles import BundleError, convert, converter_dir
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"architectures": ["NoSuchModelForCausalLM"]}))
+    with pytest.raises(BundleError, match="does not support the architecture NoSuchModelForCausalLM"):
+        convert(converter_dir(), model, tmp_path / "out.gguf", "f16")
+    assert not (tmp_path / "out.gguf").exists()

@@ -50,8 +50,7 @@ VLLM_LORA_MODULES = {"q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "gate_p
 GGUF_TYPES = ("f16", "q8_0")
 UNIT_ROUNDOFF = {"f16": 2.0**-11, "q8_0": 2.0**-7}
 TOLERANCE_FACTOR = 8
-GGUF_HINT = ("install it with `pip install -r requirements-gguf.txt` (llama-cpp-python builds llama.cpp from "
-             "source: several minutes on 2 cores)")
+GGUF_BUILD_NOTE = "llama-cpp-python builds llama.cpp from source: about 20 minutes on 2 cores"
 
 
 class BundleError(ReleaseError):
@@ -180,7 +179,11 @@ def _example_prompt(version: Version) -> str:
 def llama_cpp_problem() -> str | None:
     """Why the GGUF bundle cannot be made on this machine, or None."""
     if importlib.util.find_spec("llama_cpp") is None:
-        return f"llama-cpp-python is not installed, so a GGUF cannot be verified in llama.cpp: {GGUF_HINT}."
+        from engine.config.trackers import pip_command
+
+        return (f"llama-cpp-python is not installed, so a GGUF cannot be verified in llama.cpp: install it with "
+                f"`{pip_command('-r requirements-gguf.txt')}` ({GGUF_BUILD_NOTE}). The vLLM bundle needs nothing "
+                "extra.")
     return None
 
 
@@ -252,8 +255,9 @@ def verify_gguf(path: Path, outtype: str, reference: list[dict], tokenizer, dept
     import numpy as np
     from llama_cpp import Llama
 
+    # logits_all: llama-cpp-python keeps the logits (``scores``) only then; the check reads every position.
     llm = Llama(model_path=str(path), n_ctx=n_ctx, n_threads=max(1, min(2, os.cpu_count() or 1)), verbose=False,
-                seed=0)
+                seed=0, logits_all=True)
     per_prompt, compared, agreeing, unexplained, worst, scale = [], 0, 0, 0, 0.0, 0.0
     tokenization_ok = True
     for item in reference:

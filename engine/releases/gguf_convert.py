@@ -8,8 +8,8 @@ One adjustment, and only when the converter would otherwise refuse: llama.cpp re
 BPE tokenizer's pre-tokenizer by hashing how it splits a test string, against a list of known
 models. A tokenizer it has never seen (the offline demo's own byte-level BPE) is refused even
 when its ``tokenizer.json`` declares exactly GPT-2's pre-tokenizer (``ByteLevel`` with the GPT-2
-regex, and no normalizer), which llama.cpp implements as ``gpt2``. For that case only we name
-it ``gpt2``; any other unknown tokenizer is still refused. The caller then checks that
+regex, and no normalizer), which llama.cpp implements as ``gpt-2``. For that case only we name
+it ``gpt-2``; any other unknown tokenizer is still refused. The caller then checks that
 llama.cpp tokenizes the verification prompts exactly as the Hugging Face tokenizer does, so
 the assumption is tested, not trusted.
 
@@ -58,7 +58,7 @@ def main(argv: list[str]) -> int:
             return original(self, tokenizer)
         except NotImplementedError:
             if _declares_gpt2_pretokenizer(Path(self.dir_model)):
-                return "gpt2"
+                return "gpt-2"  # llama.cpp's name for the GPT-2 pre-tokenizer (openai-community/gpt2)
             raise
 
     base.TextModel.get_vocab_base_pre = get_vocab_base_pre
