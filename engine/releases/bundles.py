@@ -226,7 +226,12 @@ def converter_dir(log=print) -> Path:
                 member.name = member.name[len(prefix):]
             archive.extractall(staging, members=wanted, filter="data")
         folder.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(staging, folder)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process fetched it first: keep theirs
+            shutil.rmtree(staging, ignore_errors=True)
+            if not (folder / "convert_hf_to_gguf.py").is_file():
+                raise
     return folder
 
 
