@@ -130,3 +130,16 @@ def test_report_on_the_demo_run(report_run, tmp_path):
     page = (report_run / "eval" / "report.html").read_text()
     assert "Failure cases" in page and "forbidden_phrase" in page
     json.dumps(report)  # the report is plain JSON
+
+
+def test_cli_twins_refuse_bad_input_in_words(tmp_path, capsys):
+    from engine.releases.cli import eval_main, release_main
+
+    assert eval_main(["no-such-run", "--runs-dir", str(tmp_path)]) == 2
+    assert "error:" in capsys.readouterr().err
+    assert release_main(["show", "../etc", "--releases-dir", str(tmp_path)]) == 2
+    assert "is not a valid release name" in capsys.readouterr().err
+    assert release_main(["rollback", "nothing", "--releases-dir", str(tmp_path)]) == 2
+    assert "There is no release named 'nothing'" in capsys.readouterr().err
+    assert release_main(["list", "--releases-dir", str(tmp_path)]) == 0
+    assert "no releases" in capsys.readouterr().out
