@@ -105,6 +105,7 @@ def test_promotion_accepted_refused_forced_and_rolled_back(promoted, release_run
                  "lineage.json"):
         assert (releases / "extract" / "v2" / item).is_file(), item
     assert "by force" in (releases / "extract" / "v2" / "README.md").read_text()
+    assert not (releases / "extract" / "v2" / "adapter" / "training_args.bin").exists()  # a pickle: not shipped
     assert [r["action"] for r in store.history(releases, "extract")] == ["promote", "refused", "promote"]
     assert store.resolve_version(releases, "extract", "current").version == 2
     assert store.resolve_version(releases, "extract", "previous").version == 1
@@ -120,6 +121,8 @@ def test_promotion_accepted_refused_forced_and_rolled_back(promoted, release_run
     info = store.show(releases, "extract")
     assert info["current"] == 1 and [v["version"] for v in info["versions"]] == [1, 2]
     assert store.list_releases(releases)[0]["current"] == 1
+    with pytest.raises(ReleaseError, match="There is no release named 'other'"):
+        store.show(releases, "other")
 
     # Nothing outside the releases folder was written by the release actions (the run gained only eval/).
     assert sorted(p.name for p in releases.iterdir()) == ["extract"]

@@ -141,11 +141,11 @@ def release_main(argv: list[str]) -> int:
             if not (args.vllm or args.gguf):
                 args.vllm = args.gguf = True
             version = store.resolve_version(args.releases_dir, args.name, args.version)
-            results = {}
+            results, say = {}, (lambda *_: None) if args.json else print
             if args.vllm:
-                results["vllm"] = bundles.vllm_bundle(version, log=print)
+                results["vllm"] = bundles.vllm_bundle(version, log=say)
             if args.gguf:
-                results["gguf"] = bundles.gguf_bundle(version, log=print)
+                results["gguf"] = bundles.gguf_bundle(version, log=say)
             if args.json:
                 print(json.dumps(results, indent=2, default=str))
     except store.PromotionRefused as error:

@@ -153,6 +153,8 @@ def list_releases(releases_dir: Path) -> list[dict]:
 def show(releases_dir: Path, name: str) -> dict:
     """A release's versions (with run, score and gate), what is current and previous, and its history."""
     root = release_root(releases_dir, name)
+    if not (root / HISTORY).is_file():
+        raise ReleaseError(f"There is no release named '{name}' in {Path(releases_dir).resolve()}.")
     records = history(releases_dir, name)
     promoted = stack(records)
     versions = []
@@ -167,7 +169,13 @@ def show(releases_dir: Path, name: str) -> dict:
 
 # ----------------------------------------------------------------------------- checks
 def _adapter_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+    """What a release carries of an adapter folder: config, weights, tokenizer, template, card.
+
+    Not ``training_args.bin``: a pickle of the trainer's arguments, which nothing serving needs
+    and which should never be unpickled from a deploy unit.
+    """
+    return sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and not (p.suffix == ".bin" and p.name != "adapter_model.bin"))
 
 
 def verify_version(version: Version) -> None:
@@ -217,6 +225,16 @@ def _base_words(base: dict) -> str:
 
 
 # ----------------------------------------------------------------------------- promote and roll back
+def _user() -> str | None:
+    """Who acted, for the history (the OS account; None when it cannot be told)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except Exception:  # noqa: BLE001 - no user name (a container without one) must not block a release
+        return None
+
+
 def _chat_template(adapter_dir: Path) -> str | None:
     jinja = adapter_dir / "chat_template.jinja"
     if jinja.is_file():
@@ -280,8 +298,8 @@ def promote(releases_dir: Path, run_dir: Path, name: str, gate=None, force: bool
                                    "on the same base.")
         decision = decide(report, gate)
         number = max(version_numbers(root), default=0) + 1
-        entry = {"time": time.time(), "run": run_dir.name, "run_path": str(run_dir.resolve()), "from": current,
-                 "gate": gate.as_dict(), "decision": decision.as_dict(), "note": note}
+        entry = {"time": time.time(), "user": _user(), "run": run_dir.name, "run_path": str(run_dir.resolve()),
+                 "from": current, "gate": gate.as_dict(), "decision": decision.as_dict(), "note": note}
         if not decision.passed and not force:
             rundir.append_jsonl(root / HISTORY, {"action": "refused", **entry})
             raise PromotionRefused(decision.sentence(), decision)
@@ -350,7 +368,8 @@ def rollback(releases_dir: Path, name: str, reason: str | None = None, log=print
                                f"{', '.join(f'v{v}' for v in promoted) or 'none'}).")
         target = Version(root.name, promoted[-2], root / f"v{promoted[-2]}")
         verify_version(target)  # never roll back onto an adapter that changed on disk
-        rundir.append_jsonl(root / HISTORY, {"action": "rollback", "time": time.time(), "from": promoted[-1],
+        rundir.append_jsonl(root / HISTORY, {"action": "rollback", "time": time.time(), "user": _user(),
+                                             "from": promoted[-1],
                                              "to": promoted[-2], "reason": reason})
     log(f"{root.name}: rolled back from v{promoted[-1]} to v{promoted[-2]}, which is current again.")
     return {"from": promoted[-1], "to": promoted[-2]}
