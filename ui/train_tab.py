@@ -52,6 +52,7 @@ FORM_GROUPS: dict[str, list[str]] = {
     "Boosters": ["model.attn_implementation", "train.padding_free", "train.packing", "train.packing_strategy",
                  "train.use_liger_kernel"],
     "Task metric": ["eval.metric", "eval.num_samples", "eval.max_new_tokens", "eval.schema_path", "eval.pattern"],
+    "Early stopping": ["train.early_stopping_patience", "train.early_stopping_metric", "train.early_stopping_direction"],
 }
 BOOSTER_FIELDS = FORM_GROUPS["Boosters"]
 FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
