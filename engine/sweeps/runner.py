@@ -150,9 +150,10 @@ def run_sweep(sweep_dir: Path, runs_dir: Path, poll_s: float = 0.5, say: Callabl
         while True:
             states = sweep_states(sweep, runs_dir)
             for (_, run_dir), state in zip(store.run_dirs(sweep, runs_dir), states):
-                if last.get(run_dir.name) != state:
-                    say(f"{run_dir.name}: {state}")
-                    last[run_dir.name] = state
+                said = "training" if state == "evaluating" else state  # not every evaluation: the states that matter
+                if last.get(run_dir.name) != said:
+                    say(f"{run_dir.name}: {said}")
+                    last[run_dir.name] = said
             if not any(state in ("queued", *rundir.ACTIVE_STATES) for state in states):
                 break
             time.sleep(poll_s)

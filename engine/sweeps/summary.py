@@ -126,7 +126,8 @@ def pareto_front(results: list[RunResult], cost: str = "peak_memory_bytes",
 def recommendation(results: list[RunResult], tolerance: float = NEAR_BEST) -> str:
     """One sentence: the cheapest run within ``tolerance`` of the best final eval loss, and why.
 
-    Cheapest in peak memory when every near-best run has a measurement, else in wall time.
+    Cheapest in peak memory first; when no near-best run saves memory, in wall time. A cost
+    counts only when every near-best run has it measured.
     """
     scored = [r for r in results if _number(r.final_eval_loss)]
     if not scored:
@@ -134,20 +135,19 @@ def recommendation(results: list[RunResult], tolerance: float = NEAR_BEST) -> st
     best = min(scored, key=lambda r: r.final_eval_loss)
     near = [r for r in scored if r.final_eval_loss <= best.final_eval_loss * (1 + tolerance)]
     measured = [(cost, what) for cost, what in (("peak_memory_bytes", "memory"), ("wall_time_s", "wall time"))
-                if all(_number(getattr(r, cost)) for r in near + [best])]
+                if all(_number(getattr(r, cost)) for r in near)]
     if not measured:
         return (f"{best.label} has the best eval loss ({best.final_eval_loss:.4f}); its costs are not measured, "
                 "so nothing cheaper can be recommended.")
-    cost, what = measured[0]
-    choice = min(near, key=lambda r: (getattr(r, cost), r.final_eval_loss))
-    tolerance_text = f"{tolerance:.0%}"
-    if choice is best:
-        heavier = [r for r in scored if r is not best and _number(getattr(r, cost))]
-        return (f"{best.label} has the best eval loss ({best.final_eval_loss:.4f}), and no run within "
-                f"{tolerance_text} of it uses less {what}" + (f" ({len(heavier)} other run"
-                                                            f"{'s' if len(heavier) != 1 else ''} compared)."
-                                                            if heavier else "."))
-    gap = (choice.final_eval_loss / best.final_eval_loss - 1) if best.final_eval_loss else 0.0
-    saving = 1 - getattr(choice, cost) / getattr(best, cost) if getattr(best, cost) else 0.0
-    return (f"{choice.label} is within {max(gap, 0):.1%} of the best eval loss ({choice.final_eval_loss:.4f} against "
-            f"{best.final_eval_loss:.4f} for {best.label}) at {saving:.0%} less {what} than {best.label}.")
+    for cost, what in measured:
+        choice = min(near, key=lambda r: (getattr(r, cost), r.final_eval_loss))
+        if choice is not best and getattr(best, cost):
+            gap = choice.final_eval_loss / best.final_eval_loss - 1 if best.final_eval_loss else 0.0
+            saving = 1 - getattr(choice, cost) / getattr(best, cost)
+            return (f"{choice.label} is within {max(gap, 0):.1%} of the best eval loss ({choice.final_eval_loss:.4f} "
+                    f"against {best.final_eval_loss:.4f} for {best.label}) at {saving:.0%} less {what} than "
+                    f"{best.label}.")
+    others = len(scored) - 1
+    whats = " or ".join(what for _, what in measured)
+    return (f"{best.label} has the best eval loss ({best.final_eval_loss:.4f}), and no run within {tolerance:.0%} of it "
+            f"uses less {whats}" + (f" ({others} other run{'s' if others != 1 else ''} compared)." if others else "."))
