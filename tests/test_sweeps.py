@@ -288,8 +288,21 @@ def test_sweep_tab_previews_runs_and_refuses_in_words():
     assert all(isinstance(row[1], int) and row[1] > 0 for row in rows)
     text, rows, _ = plan_preview("demo-lora", "lora.lora_dropout", "0.1, 1.5", "", "", "")
     assert text.startswith("**Refused:**") and "lora.lora_dropout=1.5 is refused" in text and rows == []
-    text, rows, columns = plan_preview("demo-lora", "lora.r", "4,8", "method", "lora | qlora", "")
-    assert len(rows) == 4 and columns[:2] == ["lora.r", "method"]
+    text, rows, columns = plan_preview("demo-lora", "lora.r", "4,8", "method", "lora | qlora", "lora.r=16")
+    assert len(rows) == 4 and columns[:2] == ["lora.r", "method"]  # the --set line of a varied field is ignored
+
+
+def test_the_train_form_becomes_the_sweeps_base():
+    from engine.config import load_preset
+    from ui.sweep_tab import from_train_form
+    from ui.train_tab import FIELD_NAMES, config_to_values
+
+    config = load_preset("demo-lora", ["train.max_steps=7", "lora.lora_dropout=0.1"])
+    preset, overrides = from_train_form("demo-lora", "qlora", *config_to_values(config))
+    assert preset == "demo-lora" and set(overrides.splitlines()) >= {"train.max_steps=7", "lora.lora_dropout=0.1"}
+    assert "quant.load_in_4bit=true" in overrides.splitlines()
+    values = dict(zip(FIELD_NAMES, config_to_values(config)), **{"lora.r": -3})
+    assert "rank must be a positive integer" in from_train_form("demo-lora", "lora", *values.values())[1]
 
 
 def test_pareto_chart_marks_the_front_and_loss_chart_colours_by_value():

@@ -36,8 +36,25 @@ def _varies(field1: str | None, values1: str | None, field2: str | None, values2
     return varies
 
 
-def _overrides(text: str | None) -> list[str]:
-    return [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
+def _overrides(text: str | None, varies: list[str] = ()) -> list[str]:
+    """The ``--set`` lines; a line for a varied field is left out (the varied values win), so a form's
+    settings copied in below can stay as they are."""
+    varied = {item.partition("=")[0].strip() for item in varies}
+    lines = [line.strip() for line in (text or "").splitlines() if line.strip() and not line.strip().startswith("#")]
+    return [line for line in lines if line.partition("=")[0].strip() not in varied]
+
+
+def from_train_form(preset: str, method: str, *values) -> tuple[str, str]:
+    """(the preset, its ``--set`` lines): the Train tab's form as the sweep's base, through the one diff of a
+    config against its preset (``engine.config.overrides_between``), the same as its "Show command"."""
+    from engine.config import load_preset, overrides_between
+    from ui.train_tab import DEFAULT_PRESET, form_to_config
+
+    config, errors = form_to_config(preset, method, *values)
+    if config is None or errors:
+        problems = "; ".join(str(error) for error in errors)
+        return preset or DEFAULT_PRESET, f"# The Train form has problems: {problems}"
+    return preset or DEFAULT_PRESET, "\n".join(overrides_between(load_preset(preset or DEFAULT_PRESET), config))
 
 
 def plan_preview(preset: str, field1: str, values1: str, field2: str | None = None, values2: str | None = None,
@@ -46,7 +63,8 @@ def plan_preview(preset: str, field1: str, values1: str, field2: str | None = No
     from engine.sweeps import expand
 
     try:
-        plan = expand(preset, _varies(field1, values1, field2, values2), _overrides(overrides))
+        varies = _varies(field1, values1, field2, values2)
+        plan = expand(preset, varies, _overrides(overrides, varies))
     except LoraLabError as error:
         return f"**Refused:** {html.escape(str(error))}", [], ["field"] + PLAN_COLUMNS_TAIL
     peaks = [run.predicted_peak_bytes for run in plan.runs if run.predicted_peak_bytes]
@@ -71,7 +89,8 @@ def start(ctx: AppContext, preset: str, field1: str, values1: str, field2: str |
     if ctx.jobs is None:
         return "**Not started:** this dashboard has no job manager.", None
     try:
-        plan = expand(preset, _varies(field1, values1, field2, values2), _overrides(overrides))
+        varies = _varies(field1, values1, field2, values2)
+        plan = expand(preset, varies, _overrides(overrides, varies))
         sweep_dir = start_sweep(plan, ctx.runs_dir, sweeps_dir(ctx), enqueue=ctx.jobs.enqueue)
     except LoraLabError as error:
         return f"**Not started:** {html.escape(str(error))}", None
@@ -151,8 +170,12 @@ def build(ctx: AppContext) -> None:
     with gr.Row():
         field2 = gr.Dropdown([""] + FIELD_CHOICES, value="", label="Second field (optional, a grid)")
         values2 = gr.Textbox(value="", label="Its values")
-    overrides = gr.Textbox(value="train.max_steps=40", lines=2, label="--set for every run (one per line)")
+    overrides = gr.Textbox(value="train.max_steps=40", lines=2,
+                           label="--set for every run (one per line; a line for the varied field is ignored)")
     with gr.Row():
+        if ctx.train_form:
+            use_form = gr.Button("Use the Train tab's settings")
+            use_form.click(from_train_form, ctx.train_form, [preset, overrides], api_name="sweep_from_train_form")
         preview_button = gr.Button("Preview runs")
         start_button = gr.Button("Start sweep", variant="primary")
     plan_text = gr.Markdown()
