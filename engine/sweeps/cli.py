@@ -157,9 +157,29 @@ def list_main(argv: list[str]) -> int:
     return 0
 
 
+def run_main(argv: list[str]) -> int:
+    """What ``sweep --detach`` starts in the background: the sweep's queued runs, one at a time, until none is left."""
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m engine sweep run",
+                                     description="Run a sweep's queued runs one at a time (what --detach starts).")
+    parser.add_argument("sweep_dir", type=Path)
+    _common(parser)
+    args = parser.parse_args(argv)
+    from engine.sweeps import runner
+
+    say = lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
+    try:
+        state = runner.run_sweep(args.sweep_dir, args.runs_dir, say=say)
+    except LoraLabError as error:
+        return _fail(error)
+    say(f"sweep {args.sweep_dir.name}: {state}")
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    """``sweep show|stop|list ...`` or ``sweep PRESET --vary ...``."""
-    sub = {"show": show_main, "stop": stop_main, "list": list_main}
+    """``sweep show|stop|list|run ...`` or ``sweep PRESET --vary ...``."""
+    sub = {"show": show_main, "stop": stop_main, "list": list_main, "run": run_main}
     if argv and argv[0] in sub:
         return sub[argv[0]](argv[1:])
     return start_main(argv)

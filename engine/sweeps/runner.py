@@ -3,7 +3,7 @@
 ``start_sweep`` creates every run first (ordinary run directories, each recording its sweep
 id in launch.json and its values in its description), writes sweep.json, then hands the runs
 to a queue: the dashboard's ``JobManager.enqueue``, or, from the command line, a
-``JobManager`` of its own (``run_sweep``; ``python -m engine.sweeps.runner SWEEP_DIR`` when
+``JobManager`` of its own (``run_sweep``; ``python -m engine sweep run SWEEP_DIR`` when
 detached). Because a queued run is recorded as queued in its own folder, a dashboard that
 restarts queues it again (``JobManager.recover``) and adopts the live one.
 
@@ -14,7 +14,6 @@ later) and then asks the live run to stop, through the one stop protocol of
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 import time
@@ -131,7 +130,7 @@ def stop_sweep(sweep_dir: Path, runs_dir: Path, jobs=None) -> str:
 def run_sweep(sweep_dir: Path, runs_dir: Path, poll_s: float = 0.5, say: Callable[[str], None] = print) -> str:
     """Run a sweep's queued runs one at a time with a job manager of this process, until none is left.
 
-    Used by the command line (in the foreground, or detached as ``python -m engine.sweeps.runner``).
+    Used by the command line (in the foreground, or detached as ``python -m engine sweep run``).
     A live run of the sweep (this runner restarted) is adopted, never started twice. Returns the sweep's state.
     """
     from engine.training.jobs import JobManager
@@ -164,27 +163,11 @@ def run_sweep(sweep_dir: Path, runs_dir: Path, poll_s: float = 0.5, say: Callabl
 
 
 def spawn_runner(sweep_dir: Path, runs_dir: Path) -> subprocess.Popen:
-    """``python -m engine.sweeps.runner`` detached (its own session), its output in the sweep's runner.log."""
+    """``python -m engine sweep run SWEEP_DIR`` detached (its own session), its output in the sweep's runner.log."""
     from engine.training.jobs import PROJECT_ROOT
 
     log = open(Path(sweep_dir) / "runner.log", "ab")
     with log:
-        return subprocess.Popen([sys.executable, "-m", "engine.sweeps.runner", str(sweep_dir), "--runs-dir",
+        return subprocess.Popen([sys.executable, "-m", "engine", "sweep", "run", str(sweep_dir), "--runs-dir",
                                  str(runs_dir)], stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                 cwd=PROJECT_ROOT, start_new_session=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m engine.sweeps.runner",
-                                     description="Run a sweep's queued runs one at a time (started by sweep --detach).")
-    parser.add_argument("sweep_dir", type=Path)
-    parser.add_argument("--runs-dir", type=Path, required=True)
-    args = parser.parse_args(argv)
-    say = lambda line: print(f"[{time.strftime('%H:%M:%S')}] {line}", flush=True)
-    state = run_sweep(args.sweep_dir, args.runs_dir, say=say)
-    say(f"sweep {args.sweep_dir.name}: {state}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -149,5 +149,6 @@ def recommendation(results: list[RunResult], tolerance: float = NEAR_BEST) -> st
                     f"{best.label}.")
     others = len(scored) - 1
     whats = " or ".join(what for _, what in measured)
-    return (f"{best.label} has the best eval loss ({best.final_eval_loss:.4f}), and no run within {tolerance:.0%} of it "
-            f"uses less {whats}" + (f" ({others} other run{'s' if others != 1 else ''} compared)." if others else "."))
+    return (f"{best.label} has the best eval loss ({best.final_eval_loss:.4f}), and no run within {tolerance:.0%} "
+            f"of it uses less {whats}"
+            + (f" ({others} other run{'s' if others != 1 else ''} compared)." if others else "."))
