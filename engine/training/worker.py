@@ -350,7 +350,7 @@ def kept_checkpoint(config: RunConfig, state) -> tuple[int, str] | None:
     if not best:
         return None
     step = int(Path(best).name.rsplit("-", 1)[-1])
-    metric = config.train.early_stopping_metric
+    metric = config.eval.metric if config.train.early_stopping_metric == "task_score" else "eval_loss"
     value = f"{metric} {state.best_metric:.4f}" if state.best_metric is not None else metric
     patience = config.train.early_stopping_patience
     if state.global_step < state.max_steps:
