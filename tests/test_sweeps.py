@@ -253,29 +253,35 @@ def test_a_real_sweep_survives_a_dashboard_restart_and_stops(tmp_path, managers)
 
 
 @pytest.mark.slow
-def test_early_stopping_ends_the_run_and_keeps_the_best_checkpoint(tmp_path, demo_model_dir):
-    """Eval loss falls while this tiny run trains, so declaring *higher* better makes every evaluation after the
-    first a worsening: early stopping must end the run after ``patience`` of them and keep the first one's
-    checkpoint. (The direction is the test's lever; the machinery is transformers' own.)"""
+def test_the_demo_overfits_the_alarm_fires_and_early_stopping_keeps_the_best_checkpoint(tmp_path, demo_model_dir):
+    """presets/demo-overfit.yaml for real: 8 rows memorised, the eval loss turns up while the training loss falls.
+    With a patience of 3, transformers' EarlyStoppingCallback ends the run 3 evaluations after the best one, the
+    adapter is the best checkpoint's, the status says so, and the runs table raises the overfitting alarm."""
     from safetensors.torch import load_file
 
     from tests.conftest import run_preset_to_end
 
-    run_dir = run_preset_to_end(tmp_path / "runs", "demo-lora", [
-        "train.max_steps=30", "train.logging_steps=1", "train.eval_steps=2", "train.save_steps=5",
-        "train.per_device_train_batch_size=8", "eval.metric=none", "train.early_stopping_patience=2",
-        "train.early_stopping_direction=higher", "train.save_total_limit=1"], name="early")
+    run_dir = run_preset_to_end(tmp_path / "runs", "demo-overfit", [
+        "train.early_stopping_patience=3", "train.save_steps=15"], name="overfit")
     status = rundir.read_run_status(run_dir)
     assert status.state == "completed", rundir.log_tail(run_dir)
     evals = [(m["step"], m["eval_loss"]) for m in rundir.read_metrics(run_dir)
              if m.get("eval_loss") is not None and m["step"] > 0]
-    best_step = max(evals, key=lambda item: item[1])[0]
-    assert status.step < 30 and status.kept_step == best_step
-    assert f"Kept the best checkpoint, step {best_step}" in status.message and "Stopped early" in status.message
-    assert any("saved at every evaluation" in sentence for sentence in status.fallbacks)
-    kept = load_file(run_dir / "checkpoints" / f"checkpoint-{best_step}" / "adapter_model.safetensors")
-    saved = load_file(run_dir / "adapter" / "adapter_model.safetensors")
+    best_step = min(evals, key=lambda item: item[1])[0]
+    assert evals[-1][0] == best_step + 30 < 120  # three evaluations (every 10 steps) without a better one
+    assert status.step == evals[-1][0] and status.kept_step == best_step
+    assert status.message == (f"Stopped early at step {status.step}: eval_loss had not improved for 3 evaluations. "
+                              f"Kept the best checkpoint, step {best_step} (eval_loss "
+                              f"{min(loss for _, loss in evals):.4f}); adapter saved from it.")
+    assert any("saved at every evaluation" in sentence for sentence in status.fallbacks)  # 15 is not a multiple of 10
+    kept = load_file(run_dir / "checkpoints" / f"checkpoint-{best_step}" / "model.safetensors")
+    saved = load_file(run_dir / "adapter" / "model.safetensors")
     assert kept.keys() == saved.keys() and all((kept[k] == saved[k]).all() for k in kept)
+
+    alarm = rundir.summarize_run(run_dir).overfit
+    assert alarm is not None and alarm.best_step == best_step and alarm.began_step == best_step + 10
+    assert alarm.best_checkpoint == f"checkpoint-{best_step}" and alarm.train_loss_after < alarm.train_loss_before
+    assert rundir.summarize_run(run_dir).as_row()["overfitting"] == f"from step {best_step + 10} (best {best_step})"
 
 
 # ----------------------------------------------------------------------------- the Sweeps tab and its charts
