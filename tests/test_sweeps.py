@@ -184,6 +184,16 @@ def test_stopping_a_sweep_drops_its_queued_runs_everywhere(tmp_path):
     assert other.active is None and other.queue_names() == []
     assert sweep_states(read_sweep(sweep_dir), runs_dir) == ["stopped", "stopped"]
     assert JobManager(runs_dir).queue_names() == []
+    # The dashboard names sweeps by id only; a command line may give the folder.
+    from engine.errors import RunError
+    from engine.sweeps import resolve_sweep
+
+    assert resolve_sweep(sweeps_dir, "sw-queued") == sweep_dir
+    assert resolve_sweep(tmp_path, str(sweep_dir), allow_path=True) == sweep_dir
+    with pytest.raises(RunError, match="not a valid sweep name"):
+        resolve_sweep(tmp_path, str(sweep_dir))
+    with pytest.raises(RunError, match="No sweep named 'nope'.*sweeps there: sw-queued"):
+        resolve_sweep(sweeps_dir, "nope")
 
 
 # ----------------------------------------------------------------------------- real runs
@@ -282,6 +292,11 @@ def test_the_demo_overfits_the_alarm_fires_and_early_stopping_keeps_the_best_che
     assert alarm is not None and alarm.best_step == best_step and alarm.began_step == best_step + 10
     assert alarm.best_checkpoint == f"checkpoint-{best_step}" and alarm.train_loss_after < alarm.train_loss_before
     assert rundir.summarize_run(run_dir).as_row()["overfitting"] == f"from step {best_step + 10} (best {best_step})"
+    from ui.context import AppContext
+    from ui.train_tab import status_html
+
+    page = status_html(run_dir, AppContext(runs_dir=run_dir.parent, exports_dir=tmp_path / "exports"), alarm=alarm)
+    assert "id='loralab-overfit'" in page and f"from step {best_step + 10}" in page
 
 
 # ----------------------------------------------------------------------------- the Sweeps tab and its charts

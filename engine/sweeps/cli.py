@@ -97,7 +97,7 @@ def show_main(argv: list[str]) -> int:
 
     runs_dir, sweeps_dir = _dirs(args)
     try:
-        sweep_dir = store.resolve_sweep(sweeps_dir, args.sweep)
+        sweep_dir = store.resolve_sweep(sweeps_dir, args.sweep, allow_path=True)
         sweep = store.read_sweep(sweep_dir)
     except LoraLabError as error:
         return _fail(error)
@@ -130,7 +130,7 @@ def stop_main(argv: list[str]) -> int:
 
     runs_dir, sweeps_dir = _dirs(args)
     try:
-        print(runner.stop_sweep(store.resolve_sweep(sweeps_dir, args.sweep), runs_dir))
+        print(runner.stop_sweep(store.resolve_sweep(sweeps_dir, args.sweep, allow_path=True), runs_dir))
     except LoraLabError as error:
         return _fail(error)
     return 0

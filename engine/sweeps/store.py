@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from engine.errors import RunError
-from engine.names import check_name
+from engine.names import check_name, name_problem
 from engine.training import rundir
 
 SWEEP_FILE = "sweep.json"
@@ -47,11 +47,14 @@ def write_sweep(sweep_dir: Path, data: dict) -> None:
     rundir.write_json_atomic(Path(sweep_dir) / SWEEP_FILE, data)
 
 
-def resolve_sweep(sweeps_dir: Path, name_or_path: str) -> Path:
-    """A sweep by id (inside ``sweeps_dir``) or, from a command line, by its folder's path."""
+def resolve_sweep(sweeps_dir: Path, name_or_path: str, allow_path: bool = False) -> Path:
+    """A sweep by id (inside ``sweeps_dir``) or, from a command line (``allow_path``), by its folder's path.
+
+    The dashboard passes ids only, so nothing typed there reaches a folder outside the sweeps folder.
+    """
     text = str(name_or_path or "").strip()
     path = Path(text).expanduser()
-    if (path / SWEEP_FILE).is_file():
+    if allow_path and name_problem(text) is not None and (path / SWEEP_FILE).is_file():
         return path
     folder = sweep_path(sweeps_dir, text)
     if not (folder / SWEEP_FILE).is_file():
