@@ -551,8 +551,12 @@ def pareto_figure(points: Sequence[Mapping[str, Any]], cost_title: str, uirevisi
                                  textposition="top center", name="Pareto front (non-dominated)",
                                  marker={"size": 14, "color": "#2563eb", "symbol": "star"},
                                  line={"dash": "dot", "color": "#2563eb"}))
-    fig.update_xaxes(title=cost_title)
-    fig.update_yaxes(title="final eval loss (lower is better)")
+    # Room around the markers, so the labels above the first and last ones are not cut at the edges.
+    costs, qualities = [p["cost"] for p in known], [p["quality"] for p in known]
+    pad_x = (max(costs) - min(costs)) * 0.12 or abs(max(costs)) * 0.1 or 1.0
+    pad_y = (max(qualities) - min(qualities)) * 0.15 or abs(max(qualities)) * 0.1 or 1.0
+    fig.update_xaxes(title=cost_title, range=[min(costs) - pad_x, max(costs) + pad_x])
+    fig.update_yaxes(title="final eval loss (lower is better)", range=[min(qualities) - pad_y, max(qualities) + pad_y])
     fig = _finish(fig, uirevision, f"Eval loss against {cost_title}")
     fig.update_layout(hovermode="closest")
     return fig
