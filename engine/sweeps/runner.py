@@ -42,7 +42,9 @@ def start_sweep(plan: SweepPlan, runs_dir: Path, sweeps_dir: Path, enqueue: Call
             counter += 1
             candidate = f"{base}-{counter}"
     sweep_id = candidate
+    # The sweep's own facts; how its runs are doing is read from the runs themselves (store.sweep_state).
     data = {"id": sweep_id, "created_at": time.time(), "preset": plan.preset, "overrides": plan.overrides,
+            "base_config": plan.base.to_dict() if plan.base is not None else None,
             "vary": [{"field": v.field, "values": v.values} for v in plan.varies], "runs": [], "stopped_at": None}
     created: list[Path] = []
     try:

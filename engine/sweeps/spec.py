@@ -64,6 +64,7 @@ class SweepPlan:
     overrides: list[str]
     varies: list[Vary]
     runs: list[PlannedRun] = field(default_factory=list)
+    base: object = None  # the preset with the --set overrides, validated (RunConfig)
 
     def table(self) -> list[list]:
         """One row per run: its values and predicted peak (MiB), for the CLI and the Sweeps tab."""
@@ -119,11 +120,11 @@ def expand(preset: str, varies: list[Vary | str], overrides: list[str] | None = 
     if count > MAX_RUNS:
         raise ConfigError("--vary", f"{count} runs is more than a sweep runs one at a time ({MAX_RUNS} at most); "
                                     "vary fewer values.")
-    load_preset(preset, overrides).validate()  # the base's own problems first, said as the config says them
+    base = load_preset(preset, overrides).validate()  # the base's own problems first, as the config says them
     for vary in varies:  # each value alone against the base: the refusal names exactly the value
         for value in vary.values:
             _config(preset, overrides, {vary.field: value}, vary.field)
-    plan = SweepPlan(preset=preset, overrides=overrides, varies=varies)
+    plan = SweepPlan(preset=preset, overrides=overrides, varies=varies, base=base)
     for combination in itertools.product(*(vary.values for vary in varies)):
         values = dict(zip([v.field for v in varies], combination))
         config = _config(preset, overrides, values, " and ".join(values))
