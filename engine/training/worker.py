@@ -335,11 +335,11 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     final = "stopped" if stopped else "completed"
     message = ("Stopped on request; adapter and checkpoint saved. Resume continues from step "
                f"{trainer.state.global_step}.") if stopped else "Completed; adapter saved."
-    if kept is not None and not stopped:
-        message = kept[1]
+    if kept is not None:  # transformers loaded the best checkpoint at the end, on a stop request too
+        message = f"{message} The adapter is the best checkpoint's, step {kept[0]}." if stopped else kept[1]
         log(message)
     update_status(run_dir, final, step=trainer.state.global_step, message=message,
-                  **({"kept_step": kept[0]} if kept is not None and not stopped else {}))
+                  **({"kept_step": kept[0]} if kept is not None else {}))
     log(f"run {final} at step {trainer.state.global_step}")
     return final
 
