@@ -16,6 +16,8 @@ COMMANDS = {
     "stop": ("engine.training.cli", "stop_main", "ask a running run to stop (twice: force)"),
     "resume": ("engine.training.cli", "resume_main", "continue a stopped or interrupted run from its last checkpoint"),
     "show": ("engine.training.cli", "show_main", "print a run's status, fallbacks, error and log tail"),
+    "sweep": ("engine.sweeps.cli", "main",
+              "train a preset once per value of a field (--vary lora.r=4,8,16), one at a time; sweep show|stop"),
     "evaluate": ("engine.training.cli", "evaluate_main", "score a run's adapter and its base with a task metric"),
     "eval": ("engine.releases.cli", "eval_main",
              "eval report: base, adapter and current release on one base (metric, policy, latency, flips)"),

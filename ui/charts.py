@@ -496,3 +496,67 @@ def _device_used(sample: Mapping[str, Any]) -> int | None:
 
 def _gib(value: Any) -> float | None:
     return value / GIB if _is_number(value) else None
+
+
+# --------------------------------------------------------------------------- sweeps
+
+
+def _value_colours(count: int) -> list[str]:
+    """``count`` colours along a sequential scale (Viridis), so runs read in the order of their value."""
+    from plotly.colors import sample_colorscale
+
+    if count <= 1:
+        return sample_colorscale("Viridis", [0.0])
+    return sample_colorscale("Viridis", [i / (count - 1) * 0.9 for i in range(count)])
+
+
+def sweep_loss_figure(curves: Mapping[str, Metrics], smoothing: float = DEFAULT_SMOOTHING,
+                      uirevision: str = "sweep-loss") -> go.Figure:
+    """A sweep's runs overlaid, in the order of their value (``{"r=2": events, "r=8": events}``): train
+    loss (EMA) as a line and eval loss as markers, each run one colour of a sequential scale."""
+    fig = go.Figure()
+    runs = _as_runs(dict(curves), None)
+    for colour, (label, events) in zip(_value_colours(len(runs)), runs.items()):
+        steps, losses = _series(events, "loss", when=lambda e: e.get("event") != "eval")
+        if steps:
+            fig.add_trace(_line(steps, ema(losses, smoothing), _label(label, "train loss (EMA)"), colour, label,
+                                mode="lines", line={"width": 2}))
+        eval_steps, eval_losses = _series(events, "eval_loss", when=lambda e: (e.get("step") or 0) > 0)
+        if eval_steps:
+            fig.add_trace(_line(eval_steps, eval_losses, _label(label, "eval loss"), colour, label,
+                                mode="lines+markers", marker={"symbol": "diamond", "size": 9}, line={"dash": "dot"}))
+    if not fig.data:
+        return empty_figure("No metrics yet", uirevision)
+    fig.update_xaxes(title="step")
+    fig.update_yaxes(title="loss")
+    return _finish(fig, uirevision, "Loss by value")
+
+
+def pareto_figure(points: Sequence[Mapping[str, Any]], cost_title: str, uirevision: str = "pareto") -> go.Figure:
+    """Quality against a cost: one marker per run (``{"label", "quality", "cost", "front"}``, lower is better on
+    both axes); the non-dominated runs (``front``) are joined by a line and drawn larger."""
+    known = [p for p in points if _is_number(p.get("quality")) and _is_number(p.get("cost"))]
+    if not known:
+        return empty_figure("No finished run with an eval loss yet", uirevision)
+    fig = go.Figure()
+    others = [p for p in known if not p.get("front")]
+    front = sorted((p for p in known if p.get("front")), key=lambda p: p["cost"])
+    if others:
+        fig.add_trace(go.Scatter(x=[p["cost"] for p in others], y=[p["quality"] for p in others],
+                                 text=[p["label"] for p in others], mode="markers+text", textposition="top center",
+                                 name="dominated", marker={"size": 10, "color": "#9ca3af"}))
+    if front:
+        fig.add_trace(go.Scatter(x=[p["cost"] for p in front], y=[p["quality"] for p in front],
+                                 text=[p["label"] for p in front], mode="lines+markers+text",
+                                 textposition="top center", name="Pareto front (non-dominated)",
+                                 marker={"size": 14, "color": "#2563eb", "symbol": "star"},
+                                 line={"dash": "dot", "color": "#2563eb"}))
+    # Room around the markers, so the labels above the first and last ones are not cut at the edges.
+    costs, qualities = [p["cost"] for p in known], [p["quality"] for p in known]
+    pad_x = (max(costs) - min(costs)) * 0.12 or abs(max(costs)) * 0.1 or 1.0
+    pad_y = (max(qualities) - min(qualities)) * 0.15 or abs(max(qualities)) * 0.1 or 1.0
+    fig.update_xaxes(title=cost_title, range=[min(costs) - pad_x, max(costs) + pad_x])
+    fig.update_yaxes(title="final eval loss (lower is better)", range=[min(qualities) - pad_y, max(qualities) + pad_y])
+    fig = _finish(fig, uirevision, f"Eval loss against {cost_title}")
+    fig.update_layout(hovermode="closest")
+    return fig

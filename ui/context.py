@@ -31,6 +31,7 @@ class AppContext:
     sampler: GpuSampler | None = None
     max_upload_mb: float = 200
     releases_dir: Path | None = None  # None: "releases" beside the exports folder (see releases_folder)
+    sweeps_dir: Path | None = None  # None: engine.sweeps.sweeps_dir_for(runs_dir), beside the runs folder
     chat: ChatModels | None = None  # made on first use by the Chat tab: one base in memory for the whole app
     # The Train tab's form components, in the order ``ui.train_tab.form_to_config`` reads them; the
     # Memory tab's "Use Train-tab settings" button takes them as inputs.

@@ -14,6 +14,7 @@ from ui.context import AppContext
 
 TABS = (
     ("Train", "ui.train_tab"),
+    ("Sweeps", "ui.sweep_tab"),
     ("Memory", "ui.memory_tab"),
     ("Dataset", "ui.data_tab"),
     ("Chat", "ui.chat_tab"),

@@ -52,6 +52,7 @@ FORM_GROUPS: dict[str, list[str]] = {
     "Boosters": ["model.attn_implementation", "train.padding_free", "train.packing", "train.packing_strategy",
                  "train.use_liger_kernel"],
     "Task metric": ["eval.metric", "eval.num_samples", "eval.max_new_tokens", "eval.schema_path", "eval.pattern"],
+    "Early stopping": ["train.early_stopping_patience", "train.early_stopping_metric", "train.early_stopping_direction"],
 }
 BOOSTER_FIELDS = FORM_GROUPS["Boosters"]
 FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
@@ -269,10 +270,10 @@ STATE_WORDS = {
 
 
 def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | None = None,
-                status: dict | None = None, notes: list[str] | None = None) -> str:
+                status: dict | None = None, notes: list[str] | None = None, alarm=None) -> str:
     """Status line, progress bar and notes; ``metrics`` (already read by a RunWatcher) and ``status``
     (already read this tick) avoid re-reading files; ``notes``: what is damaged in the folder (default: the
-    status files' own notes)."""
+    status files' own notes); ``alarm``: the run's overfitting alarm (``RunSummary.overfit``), if raised."""
     if run_dir is None:
         return "<div class='loralab-status'>No runs yet. Pick a preset and press <b>Start</b>.</div>"
     if status is None:
@@ -303,6 +304,8 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
     ]
     for sentence in status.get("fallbacks", []):
         parts.append(f"<div>• {html.escape(sentence)}</div>")
+    if alarm is not None:
+        parts.append(f"<div class='loralab-error' id='loralab-overfit'>⚠ {html.escape(alarm.sentence)}</div>")
     notes = status.get("notes", []) if notes is None else notes
     for note in notes:  # a damaged entry in the run folder, said instead of failing
         parts.append(f"<div class='loralab-error'>⚠ {html.escape(note)}</div>")
@@ -330,8 +333,9 @@ def runs_table(ctx: AppContext) -> list[list]:
     return rows
 
 
+# note: what is damaged, if anything; overfitting: engine.training.overfit's alarm (from step N, best step M)
 RUN_COLUMNS = ["name", "method", "base model", "status", "steps", "train loss", "eval loss", "task score",
-               "peak memory (MiB)", "duration (s)", "created", "note", "win rate"]  # note: what is damaged, if anything
+               "peak memory (MiB)", "duration (s)", "overfitting", "created", "note", "win rate"]
 
 
 def win_rate_cell(run_dir: Path) -> str:
@@ -444,7 +448,8 @@ def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str
     key = f"{run_dir.name}:{metrics_version}:{samples_version}"
     status = rundir.read_status(run_dir)
     # Damage anywhere in the folder (config, metrics, samples), from the runs table's cached facts.
-    status_text = status_html(run_dir, ctx, metrics, status, rundir.cached_summary(run_dir).notes)
+    summary = rundir.cached_summary(run_dir)
+    status_text = status_html(run_dir, ctx, metrics, status, summary.notes, summary.overfit)
     active = status.get("state") in rundir.ACTIVE_STATES
     # A finished run without samples of its own shows the live device memory instead.
     live = not samples and not active and ctx.sampler is not None

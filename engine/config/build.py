@@ -286,8 +286,9 @@ def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, h
         # baseline every run is judged against (the adapter starts as a no-op).
         eval_on_start=has_eval and not resuming,
         save_strategy="steps",
-        save_steps=train.save_steps,
+        save_steps=save_steps_for(config, has_eval),
         save_total_limit=train.save_total_limit,
+        **early_stopping_arguments(config, has_eval),
         seed=train.seed,
         # transformers' own integrations; engine.training.trackers points each into the run directory.
         report_to=list(runtime.report_to) or "none",
@@ -315,3 +316,44 @@ def to_data_collator(config: RunConfig, runtime: Runtime, tokenizer):
 
     pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     return DataCollatorForLanguageModeling(pad_token_id=pad_token_id, padding_free=True)
+
+
+def early_stopping_on(config: RunConfig, has_eval: bool) -> bool:
+    """Early stopping needs evaluations: on when a patience is set and the run has held-out rows."""
+    return bool(config.train.early_stopping_patience) and has_eval
+
+
+def save_steps_for(config: RunConfig, has_eval: bool) -> int:
+    """``save_steps``, aligned with ``eval_steps`` under early stopping.
+
+    transformers' ``load_best_model_at_end`` can only go back to an evaluation that has a
+    checkpoint, so it refuses a save interval that is not a multiple of the eval interval;
+    saving at every evaluation is the smallest change that satisfies it.
+    """
+    train = config.train
+    if early_stopping_on(config, has_eval) and train.save_steps % train.eval_steps != 0:
+        return train.eval_steps
+    return train.save_steps
+
+
+def best_metric_key(config: RunConfig) -> str:
+    """The metric as transformers' ``metric_for_best_model`` names it (it reads ``eval_`` + this name; the task
+    score arrives as ``eval_task_score``, added to the evaluation's metrics by engine.training.task_eval)."""
+    return config.train.early_stopping_metric
+
+
+def early_stopping_arguments(config: RunConfig, has_eval: bool) -> dict[str, Any]:
+    """The SFTConfig arguments of early stopping: keep the best checkpoint and load it at the end."""
+    if not early_stopping_on(config, has_eval):
+        return {}
+    return {"load_best_model_at_end": True, "metric_for_best_model": best_metric_key(config),
+            "greater_is_better": config.early_stopping_greater_is_better}
+
+
+def early_stopping_callback(config: RunConfig, has_eval: bool):
+    """transformers' ``EarlyStoppingCallback`` for the run, or None when early stopping is off."""
+    if not early_stopping_on(config, has_eval):
+        return None
+    from transformers import EarlyStoppingCallback
+
+    return EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience)

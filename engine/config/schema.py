@@ -38,6 +38,8 @@ METHODS = ("lora", "qlora", "lora8bit", "dora", "rslora", "full")
 ATTENTION = ("sdpa", "eager", "flash_attention_2")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ALL_LINEAR = "all-linear"
+EARLY_STOPPING_METRICS = ("eval_loss", "task_score")
+EARLY_STOPPING_DIRECTIONS = ("auto", "lower", "higher")
 
 
 # ----------------------------------------------------------------------------- field specs
@@ -279,6 +281,19 @@ class TrainSection:
                            rule="must be a positive integer", ge=1, le=10**9)
     save_total_limit: int = spec(2, "Keep at most this many checkpoints.", "Checkpoints kept",
                                  rule="must be a positive integer", ge=1, le=10_000)
+    early_stopping_patience: int = spec(0, "Early stopping (transformers' EarlyStoppingCallback): end the run when "
+                                        "the metric below has not improved for this many evaluations, and keep the "
+                                        "best checkpoint's adapter (load_best_model_at_end); 0 turns it off. The "
+                                        "overfitting alarm watches the same metric either way.",
+                                        "Early stopping patience",
+                                        rule="must be an integer >= 0 (0: off)", ge=0, le=10_000)
+    early_stopping_metric: str = spec("eval_loss", "What early stopping and the overfitting alarm watch: eval_loss, "
+                                      "or task_score (the eval.metric score at each evaluation).",
+                                      "Early stopping metric",
+                                      choices_from=EARLY_STOPPING_METRICS)
+    early_stopping_direction: str = spec("auto", "Which way is better for that metric: auto (lower eval loss, higher "
+                                         "task score), lower or higher.", "Early stopping direction",
+                                         choices_from=EARLY_STOPPING_DIRECTIONS)
     seed: int = spec(42, "Random seed for data order, LoRA init and dropout.", "Seed",
                      rule="must be an integer >= 0", ge=0, le=2**32 - 1)
     memory_probe: bool = spec(False, "Measurement run: record the memory of every training phase (weights loaded, "
@@ -325,6 +340,14 @@ class RunConfig:
     eval: EvalSection = field(default_factory=EvalSection)
 
     # ------------------------------------------------------------------ derived
+    @property
+    def early_stopping_greater_is_better(self) -> bool:
+        """Whether a higher ``train.early_stopping_metric`` is better (auto: a task score's is, a loss's is not)."""
+        direction = self.train.early_stopping_direction
+        if direction == "auto":
+            return self.train.early_stopping_metric == "task_score"
+        return direction == "higher"
+
     @property
     def method(self) -> str:
         """The method name shown everywhere (runs table, memory, lineage): derived here only."""
@@ -483,6 +506,14 @@ class RunConfig:
                   "a task metric scores answers to held-out prompts: set data.eval_path or a data.eval_fraction "
                   "above 0, or set eval.metric to none.")
             found += option_problems(self.eval.metric, self.eval.schema_path, self.eval.pattern)
+        if train.early_stopping_patience and _is_int(train.early_stopping_patience):
+            held_out = bool(data.eval_path) or (_is_num(data.eval_fraction) and data.eval_fraction > 0)
+            check(held_out, "train.early_stopping_patience",
+                  "early stopping compares evaluations on held-out rows: set data.eval_path or a data.eval_fraction "
+                  "above 0, or set the patience to 0.")
+        check(not (train.early_stopping_metric == "task_score" and self.eval.metric == "none"),
+              "train.early_stopping_metric", "task_score needs a task metric: set eval.metric (e.g. json_equal) "
+              "or watch eval_loss.")
         if self.name is not None:
             problem = name_problem(self.name)
             check(problem is None, "name", f"{problem}, got {self.name!r}.")

@@ -243,12 +243,35 @@ class JobManager:
     def submit(self, config, name: str | None = None) -> Path:
         """Validate, create the run directory and queue it; returns the run directory."""
         config.validate()
-        run_dir = rundir.create_run(self.runs_dir, config, name=name)
+        return self.enqueue(rundir.create_run(self.runs_dir, config, name=name))
+
+    def enqueue(self, run_dir: Path, resume: bool = False) -> Path:
+        """Queue a run that already exists (``rundir.create_run``; a sweep makes all of its runs first)."""
         with self._lock:
-            self.queue.append((run_dir, False))
+            self.queue.append((Path(run_dir), resume))
             self._refresh_queue_messages()
         self.poll()
-        return run_dir
+        return Path(run_dir)
+
+    def adopt(self, run_dir: Path) -> bool:
+        """Watch a run whose worker is alive (started elsewhere) as this manager's job, if it has none."""
+        with self._lock:
+            pid = rundir.live_worker_pid(run_dir, rundir.read_run_status(run_dir, derive=False).pid)
+            if self.active is not None or pid is None:
+                return False
+            self.active = ActiveJob(run_dir=Path(run_dir), process=None, pid=pid)
+            return True
+
+    def dequeue(self, run_dir: Path, message: str = "Removed from the queue before it started.") -> bool:
+        """Take a run off this manager's queue and record it as stopped with ``message``; False if not queued here."""
+        with self._lock:
+            for item in list(self.queue):
+                if item[0] == Path(run_dir):
+                    self.queue.remove(item)
+                    update_launch(run_dir, "stopped", message=message, queue_position=None)
+                    self._refresh_queue_messages()
+                    return True
+        return False
 
     def resume(self, name: str) -> Path:
         run_dir = rundir.resolve_run(self.runs_dir, name)
@@ -266,13 +289,8 @@ class JobManager:
         """Graceful first (finish the step, save, exit); a second call or ``force`` kills."""
         run_dir = rundir.resolve_run(self.runs_dir, name)
         with self._lock:
-            for item in list(self.queue):
-                if item[0] == run_dir:
-                    self.queue.remove(item)
-                    update_launch(run_dir, "stopped", message="Removed from the queue before it started.",
-                                  queue_position=None)
-                    self._refresh_queue_messages()
-                    return "dequeued"
+            if self.dequeue(run_dir):
+                return "dequeued"
             job = self.active if self.active and self.active.run_dir == run_dir else None
         status = rundir.read_run_status(run_dir)
         if job is None and not status.active and status.recorded_state is None:
@@ -308,8 +326,11 @@ class JobManager:
                 run_dir, resume = self.queue.popleft()
                 popped = True
                 try:
-                    if rundir.worker_alive(run_dir, rundir.read_run_status(run_dir, derive=False).pid):
+                    recorded = rundir.read_run_status(run_dir, derive=False)
+                    if rundir.worker_alive(run_dir, recorded.pid):
                         continue  # started meanwhile by another dashboard sharing this runs folder
+                    if recorded.state != "queued":
+                        continue  # taken off the queue elsewhere (a stopped sweep, the CLI) since it was queued
                     process = spawn_worker(run_dir, resume=resume)
                 except RunError as error:
                     self._record(f"why run '{run_dir.name}' did not start", functools.partial(

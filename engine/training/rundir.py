@@ -429,10 +429,12 @@ class RunStatus:
     task_metric: str | None = None  # engine.training.task_eval: the metric, its latest and its step-0 score
     task_score: float | None = None
     baseline_task_score: float | None = None
+    kept_step: int | None = None  # early stopping: the step whose checkpoint became the adapter
     # launch facts (the launcher's)
     created_at: float | None = None
     worker_started_at: float | None = None
     queue_position: int | None = None
+    sweep: str | None = None  # the sweep (engine.sweeps) this run belongs to
     # derived when read
     started_at: float | None = None
     ended_at: float | None = None
@@ -465,8 +467,8 @@ SHARED_FIELDS = ("state", "message", "error", "pid")
 WORKER_FIELDS = SHARED_FIELDS + ("step", "max_steps", "eta_s", "fallbacks", "baseline_eval_loss",
                                  "trainable_parameters", "total_parameters", "linear4bit_layers",
                                  "train_runtime_s", "tokens_seen", "task_metric", "task_score",
-                                 "baseline_task_score")
-LAUNCHER_FIELDS = SHARED_FIELDS + ("created_at", "worker_started_at", "queue_position")
+                                 "baseline_task_score", "kept_step")
+LAUNCHER_FIELDS = SHARED_FIELDS + ("created_at", "worker_started_at", "queue_position", "sweep")
 _BOOKKEEPING = ("history", "seq", "state_seq", "updated_at", "started_at", "ended_at")
 
 
@@ -498,6 +500,8 @@ _FIELD_RULES = {
     "linear4bit_layers": (_is_int, "a whole number"),
     "train_runtime_s": (_is_number, "a number"),
     "tokens_seen": (_is_int, "a whole number"),
+    "kept_step": (lambda v: _is_int(v) and v >= 0, "a whole number"),
+    "sweep": (lambda v: isinstance(v, str), "text"),
     "created_at": (_is_number, "a time"),
     "worker_started_at": (_is_number, "a time"),
     "queue_position": (_is_int, "a whole number"),
@@ -569,6 +573,7 @@ def _merge(worker: dict, launcher: dict, stop_requested: bool) -> RunStatus:
         created_at=launcher.get("created_at") or worker.get("created_at"),  # before the split: in status.json
         worker_started_at=launcher.get("worker_started_at") or worker.get("worker_started_at"),
         queue_position=launcher.get("queue_position") if state == "queued" else None,
+        sweep=launcher.get("sweep"),
         updated_at=max(worker.get("updated_at") or 0, launcher.get("updated_at") or 0) or None,
         stop_requested=stop_requested,
         extra={k: v for side in (launcher, worker) for k, v in side.items()
@@ -985,6 +990,7 @@ class RunSummary:
     task_metric: str | None = None  # the latest task_eval event of metrics.jsonl (engine.training.task_eval)
     task_score: float | None = None
     notes: list = field(default_factory=list)  # what is damaged or unreadable in this folder, one line each
+    overfit: object | None = None  # engine.training.overfit.OverfitAlarm when the alarm is raised
 
     @property
     def note(self) -> str:
@@ -1004,6 +1010,7 @@ class RunSummary:
             "task score": None if not _is_number(self.task_score) else f"{self.task_metric} {self.task_score:.3f}",
             "peak memory (MiB)": None if self.peak_memory_bytes is None else round(self.peak_memory_bytes / 2**20),
             "duration (s)": None if self.duration_s is None else round(self.duration_s),
+            "overfitting": self.overfit.cell if self.overfit is not None else "",
             "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(self.created_at)) if self.created_at else "",
             "note": self.note,
         }
@@ -1062,6 +1069,11 @@ def _file_facts(run_dir: Path) -> dict:
     eval_losses = [m["eval_loss"] for m in metrics if _is_number(m.get("eval_loss")) and m.get("step", 0) > 0]
     task_evals = [m for m in metrics if m.get("event") == "task_eval" and _is_number(m.get("score"))]
     peak, source = peak_memory(samples)
+    from engine.training.overfit import alarm_settings, overfit_alarm
+
+    patience, watched, greater = alarm_settings(config)
+    steps = [_checkpoint_step(path) for path in checkpoints(run_dir)]
+    overfit = overfit_alarm(metrics, patience, watched, greater, [s for s in steps if s is not None])
     model = config.get("model")
     base = model.get("name_or_path") if isinstance(model, dict) else None
     return {"method": _method_of(config) if config else "?", "base_model": base if isinstance(base, str) else "?",
@@ -1069,7 +1081,7 @@ def _file_facts(run_dir: Path) -> dict:
             "eval_loss": eval_losses[-1] if eval_losses else None,
             "peak_memory_bytes": peak, "memory_source": source, "notes": notes,
             "task_metric": task_evals[-1].get("metric") if task_evals else None,
-            "task_score": task_evals[-1]["score"] if task_evals else None}
+            "task_score": task_evals[-1]["score"] if task_evals else None, "overfit": overfit}
 
 
 _facts_cache: dict[Path, tuple[tuple, dict]] = {}

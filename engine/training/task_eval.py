@@ -97,6 +97,9 @@ def make_task_eval_callback(run_dir: Path, plan: TaskEvalPlan, log=print):
             result = plan.run(model, processing_class)
             record = {"event": "task_eval", "step": state.global_step, "t": time.time(), **result}
             rundir.append_jsonl(paths.metrics, record)
+            metrics = kwargs.get("metrics")
+            if isinstance(metrics, dict):  # the evaluation's own metrics: early stopping and the best model read it
+                metrics["eval_task_score"] = result["score"]
             fields = {"task_metric": plan.metric, "task_score": result["score"]}
             if state.global_step == 0:
                 fields["baseline_task_score"] = result["score"]

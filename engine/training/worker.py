@@ -24,6 +24,8 @@ from engine.config.build import (
     Runtime,
     boosters_line,
     decide_runtime,
+    early_stopping_callback,
+    early_stopping_on,
     model_load_kwargs,
     to_data_collator,
     to_lora_config,
@@ -284,9 +286,16 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     args = to_sft_config(config, runtime, paths.checkpoints, has_eval=eval_dataset is not None,
                          resuming=checkpoint is not None)
     update_status(run_dir, message="Tokenizing the dataset.")
+    if args.save_steps != config.train.save_steps:
+        record_fallback(run_dir, f"train.save_steps is {config.train.save_steps}, not a multiple of train.eval_steps "
+                                 f"({config.train.eval_steps}): checkpoints are saved at every evaluation instead, so "
+                                 "early stopping can go back to the best one.")
     callback = make_callback(run_dir)
-    # The task evaluation runs before the run-directory callback's on_evaluate puts the state back to "training".
+    # The task evaluation runs before the run-directory callback's on_evaluate puts the state back to "training",
+    # and before early stopping, which reads the score it adds to the evaluation's metrics.
     callbacks = ([make_task_eval_callback(run_dir, task_eval, log)] if task_eval else []) + [callback]
+    early_stop = early_stopping_callback(config, has_eval=eval_dataset is not None)
+    callbacks += [early_stop] if early_stop else []
     trainer = SFTTrainer(model=model, args=args, train_dataset=train_dataset, eval_dataset=eval_dataset,
                          processing_class=tokenizer, peft_config=to_lora_config(config),
                          callbacks=callbacks + [recovery.callback()] + ([probe] if probe else []),
@@ -312,7 +321,9 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
                   tokens_seen=trainer.state.num_input_tokens_seen)
 
     stopped = callback.stop_requested
-    if not stopped and eval_dataset is not None and trainer.state.global_step % config.train.eval_steps != 0:
+    kept = kept_checkpoint(config, trainer.state) if early_stopping_on(config, eval_dataset is not None) else None
+    if kept is None and not stopped and eval_dataset is not None and \
+            trainer.state.global_step % config.train.eval_steps != 0:
         trainer.evaluate()  # the final eval loss, unless the last step just had one
     update_status(run_dir, "saving", message="Saving the adapter.")
     trainer.save_model(str(paths.adapter))
@@ -322,11 +333,32 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
         if paths.stop_request.exists():
             paths.stop_request.unlink()
     final = "stopped" if stopped else "completed"
-    update_status(run_dir, final, step=trainer.state.global_step,
-                  message=("Stopped on request; adapter and checkpoint saved. Resume continues from step "
-                           f"{trainer.state.global_step}.") if stopped else "Completed; adapter saved.")
+    message = ("Stopped on request; adapter and checkpoint saved. Resume continues from step "
+               f"{trainer.state.global_step}.") if stopped else "Completed; adapter saved."
+    if kept is not None:  # transformers loaded the best checkpoint at the end, on a stop request too
+        message = f"{message} The adapter is the best checkpoint's, step {kept[0]}." if stopped else kept[1]
+        log(message)
+    update_status(run_dir, final, step=trainer.state.global_step, message=message,
+                  **({"kept_step": kept[0]} if kept is not None else {}))
     log(f"run {final} at step {trainer.state.global_step}")
     return final
+
+
+def kept_checkpoint(config: RunConfig, state) -> tuple[int, str] | None:
+    """Which step's adapter early stopping kept (transformers loaded the best checkpoint at the end), and why."""
+    best = state.best_model_checkpoint
+    if not best:
+        return None
+    step = int(Path(best).name.rsplit("-", 1)[-1])
+    metric = config.eval.metric if config.train.early_stopping_metric == "task_score" else "eval_loss"
+    value = f"{metric} {state.best_metric:.4f}" if state.best_metric is not None else metric
+    patience = config.train.early_stopping_patience
+    if state.global_step < state.max_steps:
+        why = (f"Stopped early at step {state.global_step}: {metric} had not improved for {patience} "
+               f"evaluation{'s' if patience != 1 else ''}.")
+    else:
+        why = f"Completed at step {state.global_step}."
+    return step, f"{why} Kept the best checkpoint, step {step} ({value}); adapter saved from it."
 
 
 def explain_failure(error: BaseException) -> str:
