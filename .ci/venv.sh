@@ -66,7 +66,10 @@ loralab_venv() {
   local started=$SECONDS
   loralab_say "installing $TORCH_PIN, $requirements and LoRA Lab into $VENV (the first time takes minutes)"
   "$PY" -m pip install --quiet --disable-pip-version-check "$TORCH_PIN"
-  "$PY" -m pip install --quiet --disable-pip-version-check -r "$requirements"
+  # llama-cpp-python (requirements-gguf.txt, in the test set) compiles llama.cpp here: every core, and
+  # without the multimodal library LoRA Lab never loads (about a third of the build).
+  CMAKE_ARGS="${CMAKE_ARGS:--DLLAVA_BUILD=OFF}" CMAKE_BUILD_PARALLEL_LEVEL="${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)}" \
+    "$PY" -m pip install --quiet --disable-pip-version-check -r "$requirements"
   "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -e .
   echo "$wanted" > "$stamp"
   loralab_say "installed in $((SECONDS - started)) s"
