@@ -191,3 +191,7 @@ def test_the_worker_refuses_a_non_json_reference_before_training(tmp_path, demo_
     assert status["state"] == "failed"
     assert "held-out row 1 is not JSON" in status["error"] and "exact_match or token_f1" in status["error"]
     assert rundir.read_metrics(run_dir) == [] and status.get("step", 0) == 0  # nothing was trained
+    from engine.training import devices
+
+    # Run inside this process, the worker still gives the device back: later runs must not wait for pytest.
+    assert devices.holder(devices.device_key("cpu")) is None and not rundir.worker_lock_held(run_dir)

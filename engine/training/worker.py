@@ -107,7 +107,24 @@ def build_model(config: RunConfig, model_path: str, runtime: Runtime):
             model, use_gradient_checkpointing=config.train.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False},
         )
+        keep_4bit_weights_trainable(model)
     return model
+
+
+def keep_4bit_weights_trainable(model) -> int:
+    """Stop bitsandbytes repacking 4-bit weights for inference in the middle of training; returns how many layers.
+
+    Written by hand because no switch exists: on a CPU with AVX512-BF16, bitsandbytes 0.50's
+    ``Linear4bit.forward`` repacks its weight into a CPU inference layout on the first forward
+    in eval mode without gradients (the step-0 evaluation) and never packs it back, so every
+    later training step runs through ``gemv_4bit``, which has no autograd kernel: the gradient
+    through the frozen base weights is silently dropped (torch warns once) and QLoRA learns a
+    fraction of what it should (tests/test_training.py's demo-qlora target catches it).
+    """
+    layers = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for layer in layers:
+        layer.support_avx512bf16_for_cpu = False
+    return len(layers)
 
 
 def check_target_modules(model, config: RunConfig) -> None:
@@ -416,6 +433,23 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_FAILED
     finally:
         sampler.stop()
+        release_locks()
+
+
+def release_locks() -> None:
+    """Give back the device and the run once the outcome is recorded.
+
+    A worker process gives them back by exiting anyway; this matters when ``main`` runs inside
+    another process (tests, a notebook), which would otherwise hold the device for its whole
+    life and make every later run wait for it.
+    """
+    global _DEVICE_LOCK, _WORKER_LOCK
+    if _DEVICE_LOCK is not None:
+        _DEVICE_LOCK.release()
+        _DEVICE_LOCK = None
+    if _WORKER_LOCK is not None:
+        _WORKER_LOCK.close()  # closing the file drops its flock
+        _WORKER_LOCK = None
 
 
 def _last_step(run_dir: Path) -> int:
