@@ -6,5 +6,5 @@ cd "$(dirname "$0")/.."
 source .ci/venv.sh
 loralab_venv start requirements.txt
 export HF_HUB_OFFLINE="${HF_HUB_OFFLINE:-0}"
-"$PY" -m engine demo  # builds the offline demo model the first time (about a minute and a half on 2 cores)
+"$PY" -m engine demo  # checks the shipped demo model against its sha256 manifest (under a second)
 exec "$PY" app.py "$@"           # prints "LoRA Lab: open http://127.0.0.1:7860"

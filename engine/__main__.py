@@ -28,7 +28,7 @@ COMMANDS = {
     "data": ("engine.data.cli", "main", "inspect a dataset: format, counts, token statistics, problems"),
     "compare": ("engine.chat.cli", "main", "answer prompts with the base and the fine-tuned model"),
     "export": ("engine.export.cli", "main", "export a run's adapter or merged model (--push: to the Hub)"),
-    "demo": ("engine.demo", "cli_main", "build the offline demo model (once; cached)"),
+    "demo": ("engine.demo_pretrain", "cli_main", "check the shipped demo model (or pretrain it again)"),
 }
 
 

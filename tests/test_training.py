@@ -44,8 +44,19 @@ def test_demo_lora_learns_the_task_not_only_the_format(demo_lora_run):
           f"fine-tuned {tuned['score']:.3f}; e.g. {tuned['examples'][0]['answer']}")
     assert result["metric"] == "json_equal" and result["n"] == 200
     assert base["score"] <= 0.10
-    if tuned["score"] < 0.90:  # issue 11 part 1: the demo base cannot yet copy words into the JSON values
-        pytest.xfail(f"demo-lora target not reached: {tuned['score']:.3f} < 0.90 (valid JSON {tuned['valid_json']:.2f})")
+    assert tuned["score"] >= 0.90, f"e.g. {tuned['examples'][:2]}"
+
+
+def test_demo_qlora_learns_the_task_on_a_4bit_base(demo_model_dir, session_runs_dir):
+    """The same target for QLoRA (NF4 base through bitsandbytes on the CPU), a little lower: the 4-bit base copies
+    less exactly."""
+    run_dir = run_preset_to_end(session_runs_dir, "demo-qlora", name="demo-qlora-session")
+    result = evaluate_run(run_dir)
+    base, tuned = result["base"], result["finetuned"]
+    print(f"demo-qlora, json_equal on {result['n']} held-out prompts: base {base['score']:.3f}, "
+          f"fine-tuned {tuned['score']:.3f}; {rundir.read_status(run_dir)['train_runtime_s']:.0f} s of training")
+    assert rundir.read_status(run_dir)["state"] == "completed" and result["n"] == 200
+    assert base["score"] <= 0.10 and tuned["score"] >= 0.85, f"e.g. {tuned['examples'][:2]}"
 
 
 def test_task_metric_is_logged_at_every_evaluation_from_the_base_on(demo_lora_run):
