@@ -6,10 +6,11 @@ own ``gguf`` package (the ``gguf-py`` of the same llama.cpp commit as the runtim
 
 One adjustment, and only when the converter would otherwise refuse: llama.cpp recognises a
 BPE tokenizer's pre-tokenizer by hashing how it splits a test string, against a list of known
-models. A tokenizer it has never seen (the offline demo's own byte-level BPE) is refused even
-when its ``tokenizer.json`` declares exactly GPT-2's pre-tokenizer (``ByteLevel`` with the GPT-2
-regex, and no normalizer), which llama.cpp implements as ``gpt-2``. For that case only we name
-it ``gpt-2``; any other unknown tokenizer is still refused. The caller then checks that
+models. A tokenizer it has never seen is refused even when its ``tokenizer.json`` declares
+exactly GPT-2's pre-tokenizer (``ByteLevel`` with the GPT-2 regex, and no normalizer), which
+llama.cpp implements as ``gpt-2``, or the offline demo's finer split (word runs and single other
+characters, then byte-level BPE), which tokenizes the same under GPT-2's split. For those cases
+only we name it ``gpt-2``; any other unknown tokenizer is still refused. The caller then checks that
 llama.cpp tokenizes the verification prompts exactly as the Hugging Face tokenizer does, so
 the assumption is tested, not trusted.
 
@@ -32,8 +33,18 @@ def _declares_gpt2_pretokenizer(model_dir: Path) -> bool:
     except (OSError, ValueError):
         return False
     pre, model = data.get("pre_tokenizer") or {}, data.get("model") or {}
-    return (model.get("type") == "BPE" and data.get("normalizer") is None and pre.get("type") == "ByteLevel"
-            and pre.get("use_regex", True) and not pre.get("add_prefix_space", False))
+    if model.get("type") != "BPE" or data.get("normalizer") is not None:
+        return False
+    if pre.get("type") == "ByteLevel":
+        return pre.get("use_regex", True) and not pre.get("add_prefix_space", False)
+    # The demo's own: every word run and every other character split apart before byte-level BPE.
+    # Its merges never cross those boundaries, so GPT-2's coarser split (a space kept before a word,
+    # runs of punctuation together) yields the same tokens; the caller's tokenization check proves it.
+    steps = (pre.get("pretokenizers") or []) if pre.get("type") == "Sequence" else []
+    return (len(steps) == 2 and steps[0].get("type") == "Split" and steps[0].get("behavior") == "Isolated"
+            and (steps[0].get("pattern") or {}).get("Regex") == r"\w+|[^\w]"
+            and steps[1].get("type") == "ByteLevel" and not steps[1].get("use_regex", True)
+            and not steps[1].get("add_prefix_space", False))
 
 
 def main(argv: list[str]) -> int:
