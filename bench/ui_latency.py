@@ -144,7 +144,8 @@ def main() -> None:
             subprocess.run([sys.executable, "-m", "engine", "train", "demo-lora", "--name", "bench", "--detach",
                             "--runs-dir", str(runs_dir), "--set", "train.max_steps=100000", "--set",
                             "train.logging_steps=1", "--set", "train.eval_steps=100000", "--set",
-                            "train.save_steps=100000", "--set", "data.eval_path=", "--set", "data.eval_fraction=0"],
+                            "train.save_steps=100000", "--set", "data.eval_path=", "--set", "data.eval_fraction=0",
+                            "--set", "eval.metric=none"],
                            cwd=ROOT, env=env, check=True, capture_output=True)
             while len(written_steps(run_dir)) < 3:
                 time.sleep(0.5)
