@@ -19,24 +19,13 @@ import shutil
 import time
 from pathlib import Path
 
+# ChatML with generation markers (TRL's assistant-only loss): the demo's own, one definition.
+from engine.demo import CHAT_TEMPLATE, SPECIAL_TOKENS
 from engine.memory.arch import ModelArch
 
 # Bump when the recipe below changes: cached folders carry this in their marker and are rebuilt.
 RANDOM_MODEL_VERSION = "1"
 TOKENIZER_VOCAB = 2048
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>"]
-# ChatML with generation markers, so TRL's assistant-only loss works on these models too.
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' }}"
-    "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}{{ '\n' }}"
-    "{% else %}"
-    "{{ message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 MARKER = "lora_lab_random.json"
 
 
