@@ -268,9 +268,6 @@ def test_a_real_2x2_sweep_survives_a_dashboard_restart_and_stops(tmp_path, manag
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="presets/demo-overfit.yaml was tuned on the previous demo base; the new base, which copies "
-                          "words, generalises from its 8 rows and the alarm did not fire in 120 steps (issue 12 open)",
-                   strict=False)
 def test_the_demo_overfits_the_alarm_fires_and_early_stopping_keeps_the_best_checkpoint(tmp_path, demo_model_dir):
     """presets/demo-overfit.yaml for real: 8 rows memorised, the eval loss turns up while the training loss falls.
     With a patience of 3, transformers' EarlyStoppingCallback ends the run 3 evaluations after the best one, the
