@@ -177,6 +177,28 @@ def test_plan_takes_the_first_rows_and_checks_their_references():
         plan_task_eval(config, [{"text": "just text"}])
 
 
+def test_references_longer_than_max_new_tokens_are_said(demo_model_dir):
+    """A score of 0 from answers cut short would read as a model that learned nothing: the plan says so."""
+    from transformers import AutoTokenizer
+
+    from engine.data.load import load_dataset_rows
+    from engine.training.task_eval import plan_task_eval
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_dir)
+    rows = load_dataset_rows("demo", split="eval").rows
+    config = load_preset("demo-lora", ["eval.num_samples=16"])
+    plan = plan_task_eval(config, rows)
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in plan.references)
+    assert plan.length_note(tokenizer) is None and longest <= config.eval.max_new_tokens
+    config.eval.max_new_tokens = longest - 1
+    note = plan_task_eval(config, rows).length_note(tokenizer)
+    assert note.startswith(f"eval.max_new_tokens is {longest - 1}, but ") and f"up to {longest} tokens" in note
+    assert note.endswith(f"Raise eval.max_new_tokens to at least {longest}.")
+    for preset in ("demo-lora", "demo-qlora", "demo-sweep"):  # every shipped demo can score a full answer
+        preset_config = load_preset(preset)
+        assert plan_task_eval(preset_config, rows).length_note(tokenizer) is None, preset
+
+
 @pytest.mark.slow
 def test_the_worker_refuses_a_non_json_reference_before_training(tmp_path, demo_model_dir):
     """A json_equal run on text answers fails at start, in words naming the row, with no step trained."""

@@ -41,6 +41,18 @@ class TaskEvalPlan:
     batch_size: int
     notes: list[str] = field(default_factory=list)
 
+    def length_note(self, tokenizer) -> str | None:
+        """A sentence when references are longer than ``eval.max_new_tokens``: their answers would be cut short and
+        could never match, so a score of 0 would look like a model that learned nothing."""
+        lengths = [len(tokenizer(reference, add_special_tokens=False)["input_ids"])
+                   for reference in self.references if reference]
+        longer = [length for length in lengths if length > self.max_new_tokens]
+        if not longer:
+            return None
+        return (f"eval.max_new_tokens is {self.max_new_tokens}, but {len(longer)} of the {len(lengths)} scored "
+                f"references are longer (up to {max(longer)} tokens): those answers are cut short and cannot "
+                f"match. Raise eval.max_new_tokens to at least {max(longer)}.")
+
     def run(self, model, tokenizer) -> dict:
         started = time.time()
         answers = generate_greedy(model, tokenizer, self.conversations, self.max_new_tokens, self.batch_size)

@@ -283,6 +283,10 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(model_path, revision=config.model.revision,
                                               trust_remote_code=config.model.trust_remote_code)
+    too_short = task_eval.length_note(tokenizer) if task_eval else None
+    if too_short:
+        record_fallback(run_dir, too_short)
+        log(f"task eval: {too_short}")
     update_status(run_dir, message="Loading the base model.")
     probe = None
     if config.train.memory_probe:  # a measurement run (engine.measurements): memory by phase, memory_probe.json
