@@ -191,8 +191,11 @@ def test_ui_handlers_release_section_and_chat(promoted, release_run, tmp_path):
     assert "no previous version" in text  # v1 is current after the module's rollback; nothing before it
     text, overview = export_tab.do_promote(ctx, release_run.name, "extract", 2, 0, 0, 500, True)
     assert "v3 is current" in text and "FORCED" in text and "| extract | v3 | v1 |" in overview
+    check_current_beside_previous(ctx, chat_tab)
     text, overview = export_tab.do_rollback(ctx, "extract")
     assert "from v3 to v1" in text
+    folder, against, state, _ = chat_tab.load_release_pair(ctx, "extract")
+    assert "Release 'extract' has no previous version" in state  # after the rollback only v1 has been current
     # The Chat tab loads a release's versions on one base: current, then previous, without reloading it.
     state, _ = chat_tab.load_adapter(ctx, None, None, "release:extract@v2")
     assert "release extract v2" in state
@@ -200,6 +203,61 @@ def test_ui_handlers_release_section_and_chat(promoted, release_run, tmp_path):
     assert "release extract v1 (current)" in state and "read from disk once" in state
     state, _ = chat_tab.load_adapter(ctx, None, None, "release:../etc")
     assert "is not a valid release name" in state
+
+
+def check_current_beside_previous(ctx, chat_tab):
+    """Current (v3) on the right beside previous (v1) on the left, both on one copy of the base: the left side
+    answers with v1's adapter (the same weights as v3 here, so the same greedy answer), not with the base, and its
+    blind ratings are tallied apart from the ratings against the base."""
+    from engine.chat import BASE, FINETUNED, Sampling
+    from engine.chat.ratings import read_ratings
+
+    assert chat_tab.release_choices(ctx.releases_dir) == [("extract (current v3, previous v1)", "extract")]
+    folder, against, state, rate = chat_tab.load_release_pair(ctx, "extract")
+    assert (folder, against) == ("release:extract@current", "release:extract@previous")
+    assert "Active adapter: release extract v3 (current)" in state and "read from disk once" in state
+    assert "Left side: release extract v1 (previous)" in state
+    assert rate == "No blind ratings against release extract v1 (previous) yet."
+    left, right = chat_tab.side_labels(ctx)
+    assert left["label"] == "Left: release extract v1 (previous)" and right["label"] == "Right: release extract v3 (current)"
+
+    models = ctx.chat
+    prompt = [{"role": "user", "content": "Extract as JSON: the big red box is on the table."}]
+    sampling = Sampling(greedy=True, max_new_tokens=40)
+    previous, current = (models.answer(prompt, side, sampling) for side in (BASE, FINETUNED))
+    assert previous == current  # v1 and v3 hold the same adapter weights
+    chat_tab.load_adapter(ctx, None, None, "release:extract", "")  # left side empty again: the base, adapter off
+    base = models.answer(prompt, BASE, sampling)
+    assert base != current and models.base_loads == 1, (base, current)
+
+    chat_tab.load_release_pair(ctx, "extract")
+    *_, session, _, _, _, _, _ = list(chat_tab.run_batch(ctx, chat_tab.SOURCE_LINES, None, prompt[0]["content"], 0,
+                                                         True, "", 0.2, 0.9, 40, 1.0, 0, True))[-1]
+    assert session.against_label == "release extract v1 (previous)"
+    assert chat_tab.labeled_headers(session)[1:3] == ["release extract v1 (previous) (left)",
+                                                      "release extract v3 (current) (right)"]
+    assert session.rows[0]["base"] == session.rows[0]["finetuned"] == current
+    *_, tally = chat_tab.rate("tie", session)
+    assert tally.startswith("Right side preferred over release extract v1 (previous) in 0 of 1 blind rating")
+    version_dir = ctx.releases_dir / "extract" / "v3"
+    assert [r["against"] for r in read_ratings(version_dir, session.against)] == [session.against]
+    assert read_ratings(version_dir) == []  # nothing counted as a win (or loss) against the base
+
+    # The CLI twin: `release compare` answers the release run's held-out prompts with previous and current.
+    import subprocess
+    import sys
+
+    from tests.conftest import PROJECT_ROOT
+
+    done = subprocess.run([sys.executable, "-m", "engine", "release", "compare", "extract", "--limit", "1", "--greedy",
+                           "--max-new-tokens", "40", "--json", "--releases-dir", str(ctx.releases_dir)],
+                          cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    document = json.loads(done.stdout)
+    assert document["sides"] == {"left": "release extract v1 (previous)", "right": "release extract v3 (current)"}
+    assert document["against"].endswith("extract/v1/adapter") and document["blind_ratings"]["count"] == 1
+    (row,) = document["results"]
+    assert row["prompt"].startswith("Extract as JSON") and row["base"] == row["finetuned"] and row["reference"]
 
 
 def test_missing_llama_cpp_is_a_sentence(monkeypatch):

@@ -1,4 +1,5 @@
-"""Chat tab: the fine-tuned model beside its base on the same prompt, and blind A/B rating.
+"""Chat tab: the fine-tuned model beside its base (or beside another adapter of that base, such as a release's
+previous version) on the same prompt, and blind A/B rating.
 
 Layout, wiring and module-level handlers of plain values. Loading, generation, prompt sets and
 the rating state machine are ``engine.chat``; the app holds one ``engine.chat.ChatModels`` (one
@@ -21,11 +22,11 @@ from engine.chat import (
     held_out_prompts,
     prompts_from_file,
     prompts_from_lines,
-    resolve_adapter,
     with_system_prompt,
 )
 from engine.chat.ratings import describe_win_rate, win_rate
 from engine.errors import ConfigError, LoraLabError
+from engine.releases import chat_source, list_releases
 from engine.training.rundir import list_runs, resolve_run
 from ui import fields
 from ui.context import AppContext, bind, releases_folder
@@ -34,7 +35,6 @@ SOURCE_HELD_OUT, SOURCE_FILE, SOURCE_LINES = "Run's held-out split", "File", "Ty
 LABELED_HEADERS = ["prompt", "base answer", "fine-tuned answer", "reference", "base F1", "fine-tuned F1"]
 BLIND_HEADERS = ["prompt", "answer A", "answer B", "reference"]
 CHOICE_BUTTONS = (("A is better", "A"), ("B is better", "B"), ("Tie", "tie"), ("Both bad", "both_bad"))
-RELEASE_PREFIX = "release:"
 NOT_LOADED = "No model is loaded: choose a run (or an adapter folder) and press Load first."
 
 
@@ -88,6 +88,39 @@ def run_choices(runs_dir) -> list[tuple[str, str]]:
     return choices
 
 
+def release_choices(releases_dir) -> list[tuple[str, str]]:
+    """(label, name) of each release that has a current version, with its current and previous."""
+    choices = []
+    for row in list_releases(releases_dir):
+        if row.get("current"):
+            previous = f", previous v{row['previous']}" if row.get("previous") else ", no previous version"
+            choices.append((f"{row['name']} (current v{row['current']}{previous})", row["name"]))
+    return choices
+
+
+def refresh_releases(ctx: AppContext, current):
+    choices = release_choices(releases_folder(ctx))
+    names = [value for _, value in choices]
+    return gr.update(choices=choices, value=current if current in names else (names[0] if names else None))
+
+
+def load_release_pair(ctx: AppContext, name):
+    """Current (right) beside previous (left) of release ``name``, on one base; returns what the folder and
+    left-side boxes now hold, the load state and the win rate of current over previous."""
+    if not name:
+        return gr.update(), gr.update(), "**Error:** choose a release first (promote one in the Export tab).", \
+            gr.update()
+    folder, against = f"release:{name}@current", f"release:{name}@previous"
+    state, rate = load_adapter(ctx, None, None, folder, against)
+    return folder, against, state, rate
+
+
+def side_labels(ctx: AppContext):
+    """The two chat columns' labels for what is loaded: left (base or another adapter), right (the adapter)."""
+    labels = chat_models(ctx).side_labels()
+    return gr.update(label=f"Left: {labels['base']}"), gr.update(label=f"Right: {labels['finetuned']}")
+
+
 def refresh_runs(runs_dir, current):
     choices = run_choices(runs_dir)
     names = [value for _, value in choices]
@@ -106,22 +139,21 @@ def adapter_choices(runs_dir, run_name):
     return gr.update(**_adapter_dropdown(runs_dir, run_name))
 
 
-def load_adapter(ctx: AppContext, run_name, which, folder):
-    """Load the chosen run's adapter (or the adapter folder, when one is typed); returns the state in words."""
+def load_adapter(ctx: AppContext, run_name, which, folder, against=None):
+    """Load the chosen run's adapter (or the adapter folder or release, when one is typed) on the right, and on the
+    left the base with the adapter off or, when ``against`` is typed, that adapter of the same base; returns the
+    state in words and the blind win rate of this pairing."""
     models = chat_models(ctx)
     try:
-        folder = (folder or "").strip()
-        # The folder box takes any adapter folder; the run box a run name inside the runs folder only.
-        if folder.startswith(RELEASE_PREFIX):  # release:NAME or release:NAME@previous (or @vN)
-            from engine.releases import release_source
-
-            name, _, version = folder[len(RELEASE_PREFIX):].partition("@")
-            source = release_source(releases_folder(ctx), name.strip(), version.strip() or "current")
-        else:
-            source = resolve_adapter(ctx.runs_dir, folder or (run_name or ""), which or LATEST,
-                                     allow_path=bool(folder))
-        text = _markdown_lines(models.load(source))
-        rate = describe_win_rate(*win_rate(source.ratings_dir))
+        folder, against = (folder or "").strip(), (against or "").strip()
+        # The folder box takes any adapter folder or release:NAME[@which]; the run box a run name inside the runs
+        # folder only.
+        source = chat_source(ctx.runs_dir, releases_folder(ctx), folder or (run_name or ""), which or LATEST,
+                             allow_path=bool(folder))
+        left = chat_source(ctx.runs_dir, releases_folder(ctx), against) if against else None
+        text = _markdown_lines(models.load(source, against=left))
+        rate = describe_win_rate(*win_rate(source.ratings_dir, str(left.path) if left else None),
+                                 over=left.label if left else None)
         return text, rate
     except LoraLabError as error:
         return _error_text(error) + "\n\n" + (_markdown_lines(models.describe()) if models.loaded else ""), gr.update()
@@ -157,12 +189,12 @@ def send(ctx: AppContext, message, base_history, tuned_history, system_prompt, t
     stop = ctx.chat_stops.fresh(_session(request))
     base_view = base_history + [user, {"role": "assistant", "content": ""}]
     tuned_view = tuned_history + [user, {"role": "assistant", "content": ""}]
-    label = models.active.label
-    yield "", base_view, tuned_view, "Generating with the base (adapter off)…"
+    labels = models.side_labels()
+    yield "", base_view, tuned_view, f"Generating with {labels['base']}…"
     try:
         for base_text, tuned_text in models.stream_pair(base_prompt, tuned_prompt, sampling, stop):
             base_view[-1]["content"], tuned_view[-1]["content"] = base_text, tuned_text
-            side = "the base (adapter off)" if not tuned_text else f"{label} (adapter on)"
+            side = labels["base"] if not tuned_text else f"{labels['finetuned']} (adapter on)"
             yield "", base_view, tuned_view, f"Generating with {side}…"
     except Exception as error:  # noqa: BLE001
         yield "", base_view, tuned_view, _error_text(error)
@@ -198,9 +230,9 @@ def _prompt_set(models: ChatModels, source_kind, upload, lines, limit):
         if not prompts:
             raise LoraLabError("Type at least one prompt (one per line).")
     else:
-        if models.active.run_dir is None:
+        if models.active.prompts_run is None:
             raise LoraLabError("An adapter folder outside a run has no held-out split: use a file or typed lines.")
-        prompts = held_out_prompts(models.active.run_dir)
+        prompts = held_out_prompts(models.active.prompts_run)
     limit = _number(limit, 0, whole=True)
     if not isinstance(limit, int) or limit < 0:
         raise ConfigError("limit", f"must be a whole number >= 0 (0: all), got {limit!r}.")
@@ -222,16 +254,24 @@ def table_rows(session: BlindSession | None, blind: bool) -> list[list]:
 def _table(session, blind):
     import pandas as pd
 
-    return pd.DataFrame(table_rows(session, blind), columns=BLIND_HEADERS if blind else LABELED_HEADERS)
+    return pd.DataFrame(table_rows(session, blind), columns=BLIND_HEADERS if blind else labeled_headers(session))
 
 
-def _f1_summary(rows: list[dict]) -> str:
+def labeled_headers(session: BlindSession | None) -> list[str]:
+    """The open table's columns: base and fine-tuned, or the two adapters' labels when the left one is not the base."""
+    if session is None or not session.against_label:
+        return LABELED_HEADERS
+    left, right = f"{session.against_label} (left)", f"{session.label} (right)"
+    return ["prompt", left, right, "reference", f"{left} F1", f"{right} F1"]
+
+
+def _f1_summary(rows: list[dict], labels: dict) -> str:
     scored = [r for r in rows if r.get("reference") is not None]
     if not scored:
         return ""
     mean = lambda key: sum(r[key] for r in scored) / len(scored)
-    return (f" Token F1 against the reference over {len(scored)} prompt(s): base {mean('base_f1'):.3f}, "
-            f"fine-tuned {mean('finetuned_f1'):.3f}.")
+    return (f" Token F1 against the reference over {len(scored)} prompt(s): {labels['base']} "
+            f"{mean('base_f1'):.3f}, {labels['finetuned']} {mean('finetuned_f1'):.3f}.")
 
 
 def run_batch(ctx: AppContext, source_kind, upload, lines, limit, blind, system_prompt, temperature, top_p,
@@ -250,7 +290,8 @@ def run_batch(ctx: AppContext, source_kind, upload, lines, limit, blind, system_
         yield (_error_text(error), gr.update(), gr.update(), *rating_panel(None, bool(blind)))
         return
     stop = ctx.chat_stops.fresh(_session(request))
-    session = BlindSession.start(models.active, {**sampling.as_dict(), "system_prompt": system_prompt or ""})
+    session = BlindSession.start(models.active, {**sampling.as_dict(), "system_prompt": system_prompt or ""},
+                                 against=models.against)
     yield (f"Answering {len(prompts)} prompt(s) with both sides…", _table(session, blind), session,
            *rating_panel(None, bool(blind)))
     try:
@@ -263,7 +304,7 @@ def run_batch(ctx: AppContext, source_kind, upload, lines, limit, blind, system_
         return
     done = "Stopped" if stop.is_set() else "Done"
     status = (f"{done}: {len(session.rows)} of {len(prompts)} prompt(s) answered by both sides."
-              f"{_f1_summary(session.rows)}")
+              f"{_f1_summary(session.rows, models.side_labels())}")
     if blind:
         status += " Rate them below: answers are shown as A and B in random order."
     yield (status, _table(session, blind), session, *rating_panel(session, bool(blind)))
@@ -306,7 +347,8 @@ def build(ctx: AppContext) -> None:
     gr.Markdown(
         "Chat with the **base model** (left, adapter off) and the **fine-tuned model** (right, adapter on) on the "
         "same prompt, system prompt, sampling settings and seed, so differences come from the adapter. "
-        "Both run on one copy of the base model.")
+        "Both run on one copy of the base model. The left side can instead be another adapter of the same base: "
+        "a release's previous version beside its current one, or a sibling run.")
     with gr.Row():
         initial = run_choices(runs_dir)
         run_box = gr.Dropdown(label="Run", choices=initial, value=initial[0][1] if initial else None, scale=3,
@@ -315,11 +357,23 @@ def build(ctx: AppContext) -> None:
                                   **_adapter_dropdown(runs_dir, initial[0][1] if initial else None))
         folder_box = gr.Textbox(label="…or any PEFT adapter folder, or a release", scale=3,
                                 placeholder="/path/to/adapter, release:NAME or release:NAME@previous",
-                                info="When filled, used instead of the run. Releases load on the same base, so "
-                                     "current and previous switch without reloading it.")
+                                info="When filled, used on the right instead of the run. Releases load on the same "
+                                     "base, so current and previous switch without reloading it.")
         with gr.Column(scale=1, min_width=120):
             refresh_button = gr.Button("Refresh runs", size="sm")
             load_button = gr.Button("Load", variant="primary")
+    with gr.Row():
+        against_box = gr.Textbox(label="Left side (empty: the base, adapter off)", scale=4,
+                                 placeholder="release:NAME@previous, a run name or an adapter folder of the same base",
+                                 info="Another adapter of the same base answers on the left; both share one copy "
+                                      "of the base.")
+        initial_releases = release_choices(releases_folder(ctx))
+        release_box = gr.Dropdown(label="Release", choices=initial_releases, scale=3,
+                                  value=initial_releases[0][1] if initial_releases else None,
+                                  info="Promoted in the Export tab (or `python -m engine release promote`).")
+        with gr.Column(scale=1, min_width=120):
+            release_refresh = gr.Button("Refresh releases", size="sm")
+            pair_button = gr.Button("Current vs previous")
     load_state = gr.Markdown(_markdown_lines(models.describe()), elem_classes=["loralab-status"])
 
     with gr.Accordion("Generation settings (the same for both sides)", open=False):
@@ -333,8 +387,9 @@ def build(ctx: AppContext) -> None:
             seed = fields.Number(Sampling.seed, label="Seed", precision=0, minimum=0)
 
     with gr.Row():
-        base_chat = gr.Chatbot(label="Base model (adapter off)", height=420, feedback_options=None)
-        tuned_chat = gr.Chatbot(label="Fine-tuned model (adapter on)", height=420, feedback_options=None)
+        labels = models.side_labels()
+        base_chat = gr.Chatbot(label=f"Left: {labels['base']}", height=420, feedback_options=None)
+        tuned_chat = gr.Chatbot(label=f"Right: {labels['finetuned']}", height=420, feedback_options=None)
     with gr.Row():
         message = gr.Textbox(show_label=False, placeholder="Message both models (Enter sends)", scale=6)
         greedy = gr.Checkbox(False, label="Greedy", info="deterministic; ignores temperature and top-p", scale=1,
@@ -378,8 +433,13 @@ def build(ctx: AppContext) -> None:
     refresh_button.click(bind(refresh_runs, runs_dir), run_box, run_box, api_name="refresh_runs")
     run_box.focus(bind(refresh_runs, runs_dir), run_box, run_box, api_visibility="private")
     run_box.change(bind(adapter_choices, runs_dir), run_box, adapter_box, api_name="adapter_choices")
-    load_button.click(bind(load_adapter, ctx), [run_box, adapter_box, folder_box], [load_state, win_text],
-                      api_name="load", **generation)
+    load_button.click(bind(load_adapter, ctx), [run_box, adapter_box, folder_box, against_box],
+                      [load_state, win_text], api_name="load", **generation
+                      ).then(bind(side_labels, ctx), None, [base_chat, tuned_chat], api_visibility="private")
+    release_refresh.click(bind(refresh_releases, ctx), release_box, release_box, api_name="refresh_releases")
+    pair_button.click(bind(load_release_pair, ctx), release_box, [folder_box, against_box, load_state, win_text],
+                      api_name="load_release_pair", **generation
+                      ).then(bind(side_labels, ctx), None, [base_chat, tuned_chat], api_visibility="private")
 
     chat_inputs = [message, base_chat, tuned_chat, system_box, *sampling_inputs]
     chat_outputs = [message, base_chat, tuned_chat, chat_status]

@@ -3,7 +3,9 @@
 The base model is loaded once and wrapped in PEFT; the "base" side generates inside
 ``PeftModel.disable_adapter()`` and the "fine-tuned" side with the adapter active, so the
 comparison costs one base model in memory. Several adapters trained on the same base are
-kept loaded under their own PEFT adapter names and switched with ``set_adapter``.
+kept loaded under their own PEFT adapter names and switched with ``set_adapter``; so the left
+("base") side can also be a second adapter of the same base (``load(source, against=...)``), as
+when a release's current version is judged beside its previous one.
 
 Both sides use the same messages, sampling settings and seed (re-seeded before each
 side), so differences come from the adapter. They run one after the other in one worker
@@ -241,6 +243,7 @@ class ChatModels:
         self._adapters: OrderedDict[str, dict] = OrderedDict()  # str(path) -> {name, mtime, label, tokenizer}
         self._next_name = 0
         self.active: AdapterSource | None = None
+        self.against: AdapterSource | None = None  # the left side's adapter; None: the base, adapter off
         self.notes: list[str] = []
         self.generating = 0  # generations running inside the model right now (0 once stopped)
 
@@ -252,6 +255,22 @@ class ChatModels:
     @property
     def tokenizer(self):
         return self._adapters[str(self.active.path)]["tokenizer"] if self.active else None
+
+    def _side_source(self, side: str) -> AdapterSource | None:
+        """The adapter that answers for ``side``; None for the base with the adapter off."""
+        return self.active if side == FINETUNED else self.against
+
+    def _side_tokenizer(self, side: str):
+        """Each adapter's own tokenizer (a release carries its chat template); the active one's for the base."""
+        source = self._side_source(side) or self.active
+        return self._adapters[str(source.path)]["tokenizer"]
+
+    def side_labels(self) -> dict[str, str]:
+        """What each side is, in words: {BASE: left, FINETUNED: right}."""
+        if not self.loaded:
+            return {BASE: "Base model (adapter off)", FINETUNED: "Fine-tuned model (adapter on)"}
+        left = self.against.label if self.against else "Base model (adapter off)"
+        return {BASE: left, FINETUNED: self.active.label}
 
     def _plan(self, source: AdapterSource) -> dict:
         """Device, dtype and quantization for this base, as the run was trained where possible."""
@@ -300,21 +319,35 @@ class ChatModels:
         self.base_loads += 1
         return model, time.time() - started
 
-    def load(self, source: AdapterSource) -> str:
-        """Make ``source`` the active adapter, loading its base only if it is not the one in memory."""
+    def _base_of(self, source: AdapterSource) -> tuple[str, dict, tuple]:
+        """(base path, loading plan, key): two sources with one key share one copy of the base in memory."""
+        base_path = resolve_model(source.base_model)
+        plan = self._plan(source)
+        key = (os.path.realpath(base_path) if os.path.exists(base_path) else base_path, source.revision,
+               source.quant, plan["device"])
+        return base_path, plan, key
+
+    def load(self, source: AdapterSource, against: AdapterSource | None = None) -> str:
+        """Make ``source`` the active adapter (the right side), loading its base only if it is not the one in
+        memory. ``against``, when given, answers on the left instead of the base: another adapter of the same
+        base (a release's previous version, a sibling run), loaded beside it on the one copy of the base."""
         with self._lock:
-            base_path = resolve_model(source.base_model)
-            plan = self._plan(source)
-            key = (os.path.realpath(base_path) if os.path.exists(base_path) else base_path, source.revision,
-                   source.quant, plan["device"])
+            base_path, plan, key = self._base_of(source)
+            if against is not None and self._base_of(against)[2] != key:
+                raise RunError(
+                    f"{against.label} and {source.label} were not trained on the same base model loaded the same "
+                    f"way ({against.base_model} and {source.base_model}): the two sides share one copy of the base, "
+                    "so compare adapters of one base, or leave the left side empty to compare with the base.")
             if key != self._base_key or (self.model is None and "base" not in self._base_info):
                 base, seconds = self._load_base(source, base_path, plan)
                 self._base_key = key
                 self._base_info = {"name": source.base_model, "path": base_path, "device": plan["device"],
                                    "precision": plan["precision"], "seconds": seconds, "base": base}
                 self.notes = plan["notes"]
+            if against is not None:
+                self._activate_adapter(against)
             self._activate_adapter(source)
-            self.active = source
+            self.active, self.against = source, against
             return self.describe()
 
     def _activate_adapter(self, source: AdapterSource) -> None:
@@ -380,7 +413,7 @@ class ChatModels:
             self._base_info.pop("base", None)
             self._adapters.clear()
             self._base_key = None
-            self.active = None
+            self.active = self.against = None
             from accelerate.utils import release_memory  # lazy: accelerate imports torch
             release_memory()
 
@@ -422,7 +455,11 @@ class ChatModels:
             f"(last load {info['seconds']:.1f} s).",
             f"Active adapter: {self.active.label} ({self.active.path}).",
         ]
-        others = [a["label"] for key, a in self._adapters.items() if key != str(self.active.path)]
+        if self.against is not None:
+            lines.append(f"Left side: {self.against.label} ({self.against.path}), instead of the base with the "
+                         "adapter off.")
+        shown = {str(self.active.path), str(self.against.path) if self.against else None}
+        others = [a["label"] for key, a in self._adapters.items() if key not in shown]
         if others:
             lines.append(f"Also loaded on the same base, switchable without reloading: {', '.join(others)}.")
         memory = f"Memory: base weights {mib(mem['base_bytes'])}, adapters {mib(mem['adapter_bytes'])}"
@@ -432,14 +469,15 @@ class ChatModels:
             memory += f", process resident memory {mib(mem['process_rss_bytes'])}"
         lines.append(memory + ".")
         lines += self.notes
-        note = self._adapters[str(self.active.path)].get("note")
-        if note:
-            lines.append(note)
+        for source in (self.against, self.active):
+            note = self._adapters[str(source.path)].get("note") if source else None
+            if note:
+                lines.append(note)
         return "\n".join(lines)
 
     # ------------------------------------------------------------------ generation
-    def _encode(self, messages: list[dict]):
-        tokenizer = self.tokenizer
+    def _encode(self, messages: list[dict], tokenizer=None):
+        tokenizer = tokenizer or self.tokenizer
         if tokenizer.chat_template:
             encoded = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt",
                                                     return_dict=True)
@@ -470,7 +508,8 @@ class ChatModels:
             check_prompt_size(messages)
         with self._lock:
             self._require_loaded()
-            longest = max(self._encode(messages)["input_ids"].shape[1] for messages in conversations)
+            longest = max(self._encode(messages, self._side_tokenizer(side))["input_ids"].shape[1]
+                          for messages in conversations for side in SIDES)
             context = self.context_length()
         if context is None:
             return sampling, None
@@ -489,8 +528,8 @@ class ChatModels:
         """One side's generation; returns the new token ids."""
         import torch
 
-        inputs = self._encode(messages)
-        tokenizer = self.tokenizer
+        tokenizer = self._side_tokenizer(side)
+        inputs = self._encode(messages, tokenizer)
         kwargs = dict(**inputs, **sampling.generate_kwargs(), stopping_criteria=_stop_criteria(events),
                       pad_token_id=tokenizer.pad_token_id, streamer=streamer,
                       max_time=limits().max_generation_s)
@@ -498,11 +537,12 @@ class ChatModels:
         self.generating += 1  # under self._lock: callers hold it
         try:
             with torch.inference_mode():
-                if side == BASE:
+                source = self._side_source(side)
+                if source is None:
                     with self.model.disable_adapter():
                         output = self.model.generate(**kwargs)
                 else:
-                    self.model.set_adapter(self._adapters[str(self.active.path)]["name"])
+                    self.model.set_adapter(self._adapters[str(source.path)]["name"])
                     output = self.model.generate(**kwargs)
         finally:
             self.generating -= 1
@@ -520,7 +560,7 @@ class ChatModels:
             self._require_loaded()
             tokens = self._generate(side, clean_messages(messages), sampling,
                                     [stop_event or threading.Event()])
-            return self.tokenizer.decode(tokens, skip_special_tokens=True)
+            return self._side_tokenizer(side).decode(tokens, skip_special_tokens=True)
 
     def stream_pair(self, base_messages: list[dict], tuned_messages: list[dict], sampling: Sampling,
                     stop_event: threading.Event | None = None) -> Iterator[tuple[str, str]]:
@@ -536,8 +576,7 @@ class ChatModels:
         sampling, _ = self.fit([base_messages, tuned_messages], sampling)  # callers show the note via fit first
         stop = stop_event or threading.Event()
         abandoned = threading.Event()
-        tokenizer = self.tokenizer
-        streamers = {side: TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+        streamers = {side: TextIteratorStreamer(self._side_tokenizer(side), skip_prompt=True, skip_special_tokens=True)
                      for side in SIDES}
         prompts = {BASE: clean_messages(base_messages), FINETUNED: clean_messages(tuned_messages)}
         errors: list[BaseException] = []

@@ -4,7 +4,9 @@ Each compared prompt is shown as answers A and B in random order; the person's p
 appended to the run's ``ratings.jsonl`` together with everything needed to audit it later
 (prompt, both answers, which side was which, sampling settings, adapter, time).
 The win rate is the share of ratings in which the fine-tuned answer was preferred; ties
-and "both bad" count as ratings that were not wins.
+and "both bad" count as ratings that were not wins. When the left side was another adapter
+(a release's previous version) instead of the base, the record names it (``against``) and
+its ratings are tallied apart: a win over the previous version is not a win over the base.
 
 ``BlindSession`` is the rating state machine the Chat tab drives (next unrated item, rate,
 what the panel shows); ``blind`` is the one place answers become A and B, ``winner_of`` the
@@ -76,7 +78,8 @@ def winner_of(item: BlindItem, choice: str) -> str:
 
 
 def record_rating(ratings_path: Path, item: BlindItem, choice: str, sampling: dict | None = None,
-                  adapter: str | None = None, base_model: str | None = None, now: float | None = None) -> dict:
+                  adapter: str | None = None, base_model: str | None = None, now: float | None = None,
+                  against: str | None = None) -> dict:
     """Append one rating and return the record written."""
     choice = normalise_choice(choice)
     record = {
@@ -93,6 +96,8 @@ def record_rating(ratings_path: Path, item: BlindItem, choice: str, sampling: di
         "base_model": base_model,
         "sampling": dict(sampling or {}),
     }
+    if against:
+        record["against"] = against  # the adapter that answered on the "base" side
     Path(ratings_path).parent.mkdir(parents=True, exist_ok=True)
     append_jsonl(Path(ratings_path), record)
     return record
@@ -103,29 +108,33 @@ def ratings_file(run_dir: str | Path) -> Path:
     return RunPaths(Path(run_dir)).ratings
 
 
-def read_ratings(run_dir: str | Path) -> list[dict]:
+def read_ratings(run_dir: str | Path, against: str | None = None) -> list[dict]:
+    """The ratings against the base (``against=None``) or against that other adapter."""
     records, _ = read_jsonl(ratings_file(run_dir))
-    return [r for r in records if isinstance(r, dict) and r.get("winner") in (BASE, FINETUNED, "tie", "both_bad")]
+    return [r for r in records if isinstance(r, dict) and r.get("winner") in (BASE, FINETUNED, "tie", "both_bad")
+            and r.get("against") == (str(against) if against else None)]
 
 
-def win_rate(run_dir: str | Path) -> tuple[float | None, int, int]:
+def win_rate(run_dir: str | Path, against: str | None = None) -> tuple[float | None, int, int]:
     """(share of ratings preferring the fine-tuned answer, wins, ratings); rate is None with no ratings."""
-    ratings = read_ratings(run_dir)
+    ratings = read_ratings(run_dir, against)
     wins = sum(1 for r in ratings if r["winner"] == FINETUNED)
     return (wins / len(ratings) if ratings else None), wins, len(ratings)
 
 
-def win_rate_record(run_dir: str | Path) -> dict:
+def win_rate_record(run_dir: str | Path, against: str | None = None) -> dict:
     """The win rate as stored in an export's lineage and printed by ``compare --json``."""
-    rate, wins, count = win_rate(run_dir)
+    rate, wins, count = win_rate(run_dir, against)
     return {"win_rate": rate, "wins": wins, "count": count}
 
 
-def describe_win_rate(rate: float | None, wins: int, count: int) -> str:
+def describe_win_rate(rate: float | None, wins: int, count: int, over: str | None = None) -> str:
+    """The tally in words; ``over`` names the left side when it was an adapter rather than the base."""
     if not count:
-        return "No blind ratings yet."
+        return "No blind ratings yet." if not over else f"No blind ratings against {over} yet."
     tallies = f"{wins} of {count} blind rating{'s' if count != 1 else ''}"
-    return f"Fine-tuned answer preferred in {tallies} ({rate:.0%}); ties and 'both bad' are not wins."
+    who = "Fine-tuned answer preferred" if not over else f"Right side preferred over {over}"
+    return f"{who} in {tallies} ({rate:.0%}); ties and 'both bad' are not wins."
 
 
 def format_win_rate_cell(run_dir: str | Path) -> str:
@@ -163,14 +172,21 @@ class BlindSession:
     base_model: str | None
     label: str
     sampling: dict
+    against: str | None = None  # the left side's adapter folder; None: the base with the adapter off
+    against_label: str | None = None
     rows: list[dict] = field(default_factory=list)  # Comparison.as_dict() plus "a_side"
     rated: list[bool] = field(default_factory=list)
 
     @classmethod
-    def start(cls, source, sampling: dict) -> BlindSession:
-        """An empty session for answers of ``source`` (an ``engine.chat.sources.AdapterSource``)."""
+    def start(cls, source, sampling: dict, against=None) -> BlindSession:
+        """An empty session for answers of ``source`` (an ``engine.chat.sources.AdapterSource``) beside the base,
+        or beside ``against`` (another AdapterSource of the same base)."""
         return cls(ratings_dir=str(source.ratings_dir), adapter=str(source.path), base_model=source.base_model,
-                   label=source.label, sampling=dict(sampling))
+                   label=source.label, sampling=dict(sampling), against=str(against.path) if against else None,
+                   against_label=against.label if against else None)
+
+    def describe_win_rate(self) -> str:
+        return describe_win_rate(*win_rate(self.ratings_dir, self.against), over=self.against_label)
 
     def add(self, row: dict, rng: random.Random | None = None) -> dict:
         """Append an answered row with a fresh coin flip for its order; returns the stored row."""
@@ -192,13 +208,13 @@ class BlindSession:
         if index is None:
             return None
         record = record_rating(ratings_file(self.ratings_dir), self.item(index), choice, sampling=self.sampling,
-                               adapter=self.adapter, base_model=self.base_model, now=now)
+                               adapter=self.adapter, base_model=self.base_model, now=now, against=self.against)
         self.rated[index] = True
         return record
 
     def view(self, blind_mode: bool = True) -> RatingView:
         """The panel: hidden outside blind mode and before any row exists; the next unrated row otherwise."""
-        rate_text = describe_win_rate(*win_rate(self.ratings_dir))
+        rate_text = self.describe_win_rate()
         index = self.next_unrated() if blind_mode else None
         common = dict(total=len(self.rows), rated=sum(self.rated), win_rate=rate_text)
         if index is None:

@@ -37,6 +37,7 @@ class AdapterSource:
     revision: str | None = None
     trust_remote_code: bool = False
     quant: tuple = ()  # sorted (key, value) pairs of the run's quant section; () when not quantized
+    held_out_run: Path | None = None  # the run whose held-out split is its prompt set, when not run_dir (a release)
 
     @property
     def ratings_path(self) -> Path:
@@ -45,6 +46,12 @@ class AdapterSource:
     @property
     def ratings_dir(self) -> Path:
         return self.run_dir or self.path
+
+    @property
+    def prompts_run(self) -> Path | None:
+        """The run folder whose held-out split answers "the run's held-out prompts"; None outside any run."""
+        return self.held_out_run or (self.run_dir if self.run_dir and (self.run_dir / "config.yaml").is_file()
+                                     else None)
 
     @property
     def quant_settings(self) -> dict:

@@ -16,9 +16,11 @@ from engine.releases.store import (
     PromotionRefused,
     ReleaseError,
     Version,
+    chat_source,
     history,
     list_releases,
     promote,
+    release_ref,
     release_root,
     release_source,
     resolve_version,
@@ -28,7 +30,7 @@ from engine.releases.store import (
 )
 
 __all__ = [
-    "DEFAULT_RELEASES_DIR", "Criterion", "Decision", "Gate", "PromotionRefused", "ReleaseError", "Version", "decide",
-    "history", "list_releases", "make_report", "promote", "read_report", "release_root", "release_source",
-    "report_path", "resolve_version", "rollback", "show", "verify_version",
+    "DEFAULT_RELEASES_DIR", "Criterion", "Decision", "Gate", "PromotionRefused", "ReleaseError", "Version",
+    "chat_source", "decide", "history", "list_releases", "make_report", "promote", "read_report", "release_ref",
+    "release_root", "release_source", "report_path", "resolve_version", "rollback", "show", "verify_version",
 ]

@@ -1,4 +1,4 @@
-"""``python -m engine eval RUN`` and ``python -m engine release promote|rollback|list|show|bundle``."""
+"""``python -m engine eval RUN`` and ``python -m engine release promote|rollback|list|show|bundle|compare``."""
 
 from __future__ import annotations
 
@@ -91,7 +91,15 @@ def release_main(argv: list[str]) -> int:
     bundle_p.add_argument("--version", default="current", help="current, previous or vN (default current)")
     bundle_p.add_argument("--vllm", action="store_true", help="the vLLM multi-LoRA bundle")
     bundle_p.add_argument("--gguf", action="store_true", help="GGUF f16 and Q8_0 + Ollama Modelfile, verified")
-    for sub in (rollback_p, show_p, bundle_p, commands.choices["list"]):
+    compare_p = commands.add_parser("compare", help="answer prompts with two versions side by side on one base (the "
+                                                    "Chat tab's current vs previous)")
+    compare_p.add_argument("name")
+    compare_p.add_argument("--left", default="previous", help="current, previous or vN (default previous)")
+    compare_p.add_argument("--right", default="current", help="current, previous or vN (default current)")
+    from engine.chat.cli import add_sampling_args
+
+    add_sampling_args(compare_p)
+    for sub in (rollback_p, show_p, bundle_p, compare_p, commands.choices["list"]):
         _releases_dir_arg(sub)
     _releases_dir_arg(promote_p)
     for sub in (show_p, commands.choices["list"], bundle_p):
@@ -135,6 +143,12 @@ def release_main(argv: list[str]) -> int:
                 for record in info["history"]:
                     print(f"  history: {record.get('action')} " + json.dumps(
                         {k: record.get(k) for k in ("version", "from", "to", "run", "reason") if record.get(k)}))
+        elif args.action == "compare":
+            from engine.chat.cli import run_comparison
+
+            right = store.release_source(args.releases_dir, args.name, args.right)
+            left = store.release_source(args.releases_dir, args.name, args.left)
+            return run_comparison(right, left, args)
         elif args.action == "bundle":
             from engine.releases import bundles
 

@@ -391,4 +391,28 @@ def release_source(releases_dir: Path, name: str, which: str = "current"):
             quant = tuple(sorted(vars(run_quant).items()))
     return AdapterSource(path=version.adapter_dir, label=f"release {version.label} ({which})",
                          base_model=base.get("name_or_path") or "demo", run_dir=version.path,
-                         revision=base.get("revision"), quant=quant)
+                         revision=base.get("revision"), quant=quant,
+                         held_out_run=run_path if (run_path / "config.yaml").is_file() else None)
+
+
+RELEASE_PREFIX = "release:"
+
+
+def release_ref(text: str) -> tuple[str, str] | None:
+    """(name, which) of ``release:NAME`` or ``release:NAME@previous`` (or ``@vN``); None for any other text."""
+    text = (text or "").strip()
+    if not text.startswith(RELEASE_PREFIX):
+        return None
+    name, _, which = text[len(RELEASE_PREFIX):].partition("@")
+    return name.strip(), which.strip() or "current"
+
+
+def chat_source(runs_dir: Path, releases_dir: Path, text: str, which: str = "latest", allow_path: bool = True):
+    """What a person typed to chat with, as an ``AdapterSource``: ``release:NAME[@which]``, a run name, a run
+    folder or an adapter folder (``allow_path=False``: a run name inside ``runs_dir`` only)."""
+    from engine.chat.sources import resolve_adapter
+
+    ref = release_ref(text)
+    if ref is not None:
+        return release_source(releases_dir, *ref)
+    return resolve_adapter(runs_dir, text, which, allow_path=allow_path)
