@@ -219,7 +219,8 @@ def check_current_beside_previous(ctx, chat_tab):
     assert "Left side: release extract v1 (previous)" in state
     assert rate == "No blind ratings against release extract v1 (previous) yet."
     left, right = chat_tab.side_labels(ctx)
-    assert left["label"] == "Left: release extract v1 (previous)" and right["label"] == "Right: release extract v3 (current)"
+    assert left["label"] == "Left: release extract v1 (previous)"
+    assert right["label"] == "Right: release extract v3 (current)"
 
     models = ctx.chat
     prompt = [{"role": "user", "content": "Extract as JSON: the big red box is on the table."}]
