@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,16 @@ def demo_model_dir() -> Path:
 @pytest.fixture(scope="session")
 def session_runs_dir(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("runs")
+
+
+def wait_until(predicate, timeout: float, poll: float = 0.1) -> bool:
+    """Poll ``predicate`` until it is true (True) or ``timeout`` seconds pass (False)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return True
+        time.sleep(poll)
+    return False
 
 
 def run_preset_to_end(runs_dir: Path, preset: str, overrides: list[str] = (), name: str | None = None,

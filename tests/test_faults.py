@@ -35,7 +35,7 @@ from engine.errors import RunError
 from engine.training import rundir
 from engine.training.jobs import JobManager, wait_for_state
 from engine.training.rundir import RunPaths
-from tests.conftest import PROJECT_ROOT
+from tests.conftest import PROJECT_ROOT, wait_until
 from tests.test_app_e2e import form_values, free_port
 
 pytestmark = pytest.mark.slow
@@ -47,15 +47,6 @@ GIB = 2**30
 
 
 # ----------------------------------------------------------------------------- helpers
-def wait_until(predicate, timeout: float, poll: float = 0.1) -> bool:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False
-
-
 def engine(*args: str, timeout: float = 120, prefix: list[str] = ()) -> subprocess.CompletedProcess:
     """``python -m engine ARGS`` as a person runs it, in its own process."""
     return subprocess.run([*prefix, sys.executable, "-m", "engine", *args], cwd=PROJECT_ROOT, capture_output=True,

@@ -11,18 +11,10 @@ import pytest
 from engine.config import load_preset
 from engine.training import rundir
 from engine.training.jobs import JobManager, wait_for_state
+from tests.conftest import wait_until
 
 FAST = ["train.max_steps=24", "train.logging_steps=1", "train.save_steps=6", "train.eval_steps=12",
         "train.per_device_train_batch_size=8"]
-
-
-def wait_until(predicate, timeout, poll=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False
 
 
 @pytest.fixture()

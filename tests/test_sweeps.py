@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import signal
-import time
 
 import pytest
 
@@ -17,18 +16,10 @@ from engine.sweeps.summary import RunResult
 from engine.training import rundir
 from engine.training.jobs import JobManager, wait_for_state
 from engine.training.overfit import alarm_settings, overfit_alarm
+from tests.conftest import wait_until
 
 TINY = ["train.max_steps=6", "train.logging_steps=1", "train.eval_steps=3", "train.save_steps=3",
         "train.per_device_train_batch_size=8", "eval.num_samples=4", "eval.max_new_tokens=16"]
-
-
-def wait_until(predicate, timeout, poll=0.2):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return True
-        time.sleep(poll)
-    return False
 
 
 # ----------------------------------------------------------------------------- expansion and refusal
