@@ -37,17 +37,33 @@ def no_gpus(monkeypatch):
     gpus_module.visible_gpus.cache_clear()
 
 
+def fake_gpus(monkeypatch, count: int = 2) -> FakeNvml:
+    fake = FakeNvml([FakeGpu("NVIDIA A100", total_bytes=80 * GiB, used_bytes=GiB) for _ in range(count)])
+    monkeypatch.setattr(gpus_module, "_nvml", lambda: fake)
+    gpus_module.visible_gpus.cache_clear()
+    return fake
+
+
 def problems(overrides: list[str], preset: str = "demo-lora") -> dict[str, str]:
     return {error.field: str(error) for error in load_preset(preset, overrides).errors()}
 
 
 # ----------------------------------------------------------------------------- the rules
+FSDP = ["distributed.strategy=fsdp", "distributed.num_processes=2", "eval.metric=none"]
+
+
 def test_a_valid_ddp_config_has_no_problem():
     assert problems(DDP) == {}
-    assert problems(["distributed.strategy=fsdp", "distributed.num_processes=2", "eval.metric=none"]) == {}
 
 
-def test_what_cannot_work_is_refused_in_one_sentence_each():
+def test_fsdp_is_refused_without_a_gpu_and_accepted_with_two(monkeypatch):
+    assert "FSDP needs GPUs (accelerate's FSDP plugin refuses" in problems(FSDP)["distributed.strategy"]
+    fake_gpus(monkeypatch)
+    assert problems(FSDP) == {}
+
+
+def test_what_cannot_work_is_refused_in_one_sentence_each(monkeypatch):
+    fake_gpus(monkeypatch, 8)
     found = problems(["distributed.num_processes=2"])
     assert "need a strategy: ddp" in found["distributed.strategy"]
     found = problems(["distributed.strategy=ddp", "eval.metric=none"])
@@ -72,10 +88,7 @@ def test_what_cannot_work_is_refused_in_one_sentence_each():
 
 
 def test_more_processes_than_the_gpus_nvml_sees_is_refused(monkeypatch):
-    fake = FakeNvml([FakeGpu("NVIDIA A100", total_bytes=80 * GiB, used_bytes=GiB),
-                     FakeGpu("NVIDIA A100", total_bytes=80 * GiB, used_bytes=GiB)])
-    monkeypatch.setattr(gpus_module, "_nvml", lambda: fake)
-    gpus_module.visible_gpus.cache_clear()
+    fake_gpus(monkeypatch, 2)
     assert gpus_module.visible_gpus() == ("NVIDIA A100", "NVIDIA A100")
     assert "NVML sees 2 GPUs: 0: NVIDIA A100, 1: NVIDIA A100." == gpus_module.gpus_line()
     assert problems(DDP) == {}
@@ -95,10 +108,11 @@ def test_the_section_round_trips_through_yaml(tmp_path):
 
 
 # ----------------------------------------------------------------------------- generated files
-def test_the_run_writes_accelerates_config_and_every_machines_command(tmp_path):
+def test_the_run_writes_accelerates_config_and_every_machines_command(tmp_path, monkeypatch):
     from accelerate.commands.config.config_args import load_config_from_file
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
 
+    fake_gpus(monkeypatch, 4)
     config = load_preset("demo-lora", ["distributed.strategy=fsdp", "distributed.num_processes=4", "eval.metric=none",
                                        "distributed.num_machines=2", "distributed.main_process_ip=10.0.0.7",
                                        "distributed.main_process_port=29500"]).validate()
@@ -274,3 +288,62 @@ def test_the_death_of_one_rank_fails_the_run_naming_the_rank_and_its_exit(demo_m
     finally:
         if process.poll() is None:
             process.kill()
+
+
+# ----------------------------------------------------------------------------- per-GPU memory and the UI
+def test_memory_per_gpu_replicated_for_ddp_and_sharded_for_fsdp():
+    from dataclasses import replace
+
+    from engine.memory import MemorySettings, estimate, load_arch, settings_from_run_config
+
+    arch = load_arch("llama-3.1-8b")
+    one = estimate(arch, MemorySettings(method="full", seq_len=1024))
+    ddp = estimate(arch, replace(MemorySettings(method="full", seq_len=1024), strategy="ddp", processes=4))
+    fsdp = estimate(arch, replace(MemorySettings(method="full", seq_len=1024), strategy="fsdp", processes=4))
+    # DDP: the whole model on every GPU, plus the reducer's copy of every gradient
+    assert ddp.terms["weights_16_32bit"] == one.terms["weights_16_32bit"]
+    assert ddp.peak_allocated_bytes >= one.peak_allocated_bytes + one.terms["optimizer_states"] // 4
+    # FSDP FULL_SHARD: a quarter of weights and optimizer states each, plus the units gathered while computed
+    assert fsdp.terms["weights_16_32bit"] == -(-one.terms["weights_16_32bit"] // 4)
+    assert fsdp.terms["optimizer_states"] == -(-one.terms["optimizer_states"] // 4)
+    assert fsdp.nvidia_smi_bytes < one.nvidia_smi_bytes / 2
+    assert "1/4 on each GPU" in " ".join(fsdp.notes)
+    offload = estimate(arch, replace(MemorySettings(method="full", seq_len=1024), strategy="fsdp", processes=4,
+                                     fsdp_offload=True))
+    assert offload.terms["optimizer_states"] == 0 and offload.nvidia_smi_bytes < fsdp.nvidia_smi_bytes
+    config = load_preset("demo-lora", FSDP + ["distributed.num_processes=4", "distributed.num_machines=2",
+                                              "distributed.fsdp_sharding_strategy=HYBRID_SHARD"])
+    settings = settings_from_run_config(config)[1]
+    assert (settings.strategy, settings.processes, settings.shards) == ("fsdp", 8, 4)
+
+
+def test_the_memory_tab_says_per_gpu():
+    from ui.memory_tab import estimate_view
+
+    values = {"source": "Catalog", "catalog_id": "llama-3.1-8b", "method": "qlora", "batch_size": 1,
+              "seq_len": 1024, "strategy": "fsdp", "processes": 4, "fsdp_sharding": "FULL_SHARD",
+              "fsdp_offload": False, "gpu": None}
+    _, rows, summary = estimate_view(values)
+    assert "per GPU (4 processes, fsdp FULL_SHARD)" in summary and rows
+
+
+def test_the_memory_chart_draws_the_runs_share_of_each_gpu():
+    from ui.charts import memory_figure
+
+    samples = [{"t": 1000.0 + i, "source": "nvml", "process_bytes": 6 * GiB,
+                "devices": [{"index": g, "name": "A100", "used_bytes": 4 * GiB, "total_bytes": 80 * GiB,
+                             "process_bytes": 3 * GiB} for g in (0, 1)]} for i in range(3)]
+    names = [trace.name for trace in memory_figure(samples).data]
+    assert "GPU 0: this run" in names and "GPU 1: this run" in names
+
+
+def test_show_command_prints_every_machines_launch_command(tmp_path):
+    from ui.train_tab import config_to_values, on_show_command
+
+    config = load_preset("demo-lora", DDP + ["distributed.num_machines=2", "distributed.main_process_ip=10.0.0.7",
+                                             "distributed.main_process_port=29500"])
+    out = on_show_command("demo-lora", config.method, *config_to_values(config), runs_dir=tmp_path)
+    command = out[-3]
+    assert "--set distributed.strategy=ddp" in command
+    assert "# machine 1" in command and "--machine_rank 1 --main_process_ip 10.0.0.7" in command
+    assert f"--config_file {tmp_path}/RUN_NAME/accelerate/config.yaml" in command

@@ -621,6 +621,12 @@ class RunConfig:
                   f"this machine ({seen}).")
             check(not ids or max(ids) < len(gpus), "distributed.gpu_ids",
                   f"{dist.gpu_ids} names a GPU this machine does not have; NVML sees {seen}.")
+        else:
+            # accelerate's FullyShardedDataParallelPlugin refuses a machine without an accelerator ("no available
+            # devices found"); DDP runs its processes on the CPU over gloo.
+            check(dist.strategy != "fsdp", "distributed.strategy",
+                  "FSDP needs GPUs (accelerate's FSDP plugin refuses a machine without one) and NVML sees none "
+                  "here: use ddp to try a multi-process run on the CPU, or run this config on a GPU machine.")
         if dist.num_machines > 1:
             check(bool(dist.main_process_ip), "distributed.main_process_ip",
                   f"{dist.num_machines} machines need the address of machine 0 that every machine can reach.")
