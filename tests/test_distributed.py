@@ -135,6 +135,18 @@ def test_the_run_writes_accelerates_config_and_every_machines_command(tmp_path, 
     assert args.use_fsdp and args.machine_rank == 1 and args.num_processes == 8 and args.module
 
 
+def test_show_on_the_command_line_prints_each_machines_launch_command(tmp_path, capsys):
+    from engine.training.cli import show_main
+
+    config = load_preset("demo-lora", DDP + ["distributed.num_machines=2", "distributed.main_process_ip=10.0.0.7",
+                                             "distributed.main_process_port=29500"]).validate()
+    run_dir = rundir.create_run(tmp_path, config, name="shown")
+    assert show_main(["shown", "--runs-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    for rank, command in enumerate(launch_commands(config, run_dir, PROJECT_ROOT)):
+        assert f"--- launch machine {rank}" in out and command in out
+
+
 def test_a_one_process_run_writes_no_accelerate_files(tmp_path):
     run_dir = rundir.create_run(tmp_path, load_preset("demo-lora", []).validate(), name="single")
     assert not (run_dir / "accelerate").exists()

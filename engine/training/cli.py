@@ -206,6 +206,9 @@ def show_main(argv: list[str]) -> int:
 
     for item in read_destinations(run_dir):
         print(f"--- {item.get('label')}: {item.get('where')}\n    open: {item.get('open')}")
+    for script in sorted((run_dir / "accelerate").glob("launch_machine_*.sh")):  # a multi-GPU run's machines
+        command = script.read_text(encoding="utf-8").strip().splitlines()[-1]
+        print(f"--- {script.stem.replace('_', ' ')} ({script}):\n    {command}")
     print("--- train.log (tail)")
     print(rundir.log_tail(run_dir, args.log_lines))
     return 0
