@@ -165,12 +165,29 @@ def test_the_blamed_rank_is_the_one_killed_by_a_signal():
             self.exitcode, self.timestamp, self.pid = exitcode, timestamp, pid
 
     failures = {0: Failure(1, 100, 11), 1: Failure(-9, 100, 12)}
+    failures[0].message = {"message": "RuntimeError: boom", "extraInfo": {"timestamp": "100"}}
     assert first_failure(failures)[0] == 1
     assert first_failure({0: Failure(-15, 100, 11), 1: Failure(-9, 101, 12)})[0] == 1  # torchrun's SIGTERM
     assert first_failure({0: Failure(-15, 100, 11), 1: Failure(1, 101, 12)})[0] == 1
     assert describe_rank_exit(1, 12, -9) == ("Rank 1 (pid 12) was killed by SIGKILL (exit code -9, the system's "
                                              "out-of-memory killer or a kill command)")
     assert describe_rank_exit(0, 11, 1) == "Rank 0 (pid 11) exited with code 1"
+
+
+def test_the_failure_sentence_carries_the_ranks_own_reason(tmp_path):
+    from engine.training.launch import failure_sentence
+
+    class Failure:
+        def __init__(self, exitcode, timestamp, pid, message):
+            self.exitcode, self.timestamp, self.pid, self.message = exitcode, timestamp, pid, message
+
+    run_dir = rundir.create_run(tmp_path, load_preset("demo-lora", DDP).validate(), name="why")
+    failures = {0: Failure(-15, 100, 11, "Signal 15 (SIGTERM) received by PID 11"),
+                1: Failure(1, 100, 12, {"message": "ValueError: a bad row", "extraInfo": {"timestamp": "100"}})}
+    assert failure_sentence(run_dir, failures) == (
+        "Rank 1 (pid 12) exited with code 1: ValueError: a bad row (2 of the ranks failed: 1, 0); accelerate's "
+        "launcher stopped the other ranks. Last recorded step: 0. No complete checkpoint was saved, so resume "
+        "starts over.")
 
 
 # ----------------------------------------------------------------------------- real 2-process runs on the CPU
@@ -279,6 +296,28 @@ def test_a_stop_reaches_every_rank_and_resume_continues(demo_model_dir, tmp_path
     finally:
         if process.poll() is None:
             process.kill()
+
+
+@pytest.mark.slow
+def test_a_forced_stop_through_the_job_manager_ends_every_rank(demo_model_dir, tmp_path):
+    from engine.training.jobs import JobManager
+
+    jobs = JobManager(tmp_path, recover=False)
+    config = load_preset("demo-lora", SHORT + DDP + ["train.max_steps=400", "train.per_device_train_batch_size=4",
+                                                     "train.save_steps=1000"])
+    run_dir = jobs.submit(config, name="forced")
+    try:
+        assert jobs.active_name() == "forced"  # one job, whatever the processes
+        wait_for_ranks(run_dir, 2, step=1)
+        assert jobs.stop("forced", force=True) == "killed"
+        assert wait_gone(run_dir, jobs.active.process, timeout=30) != 0
+        jobs.poll()
+        assert jobs.active is None
+        status = rundir.read_run_status(run_dir)
+        assert status.state == "stopped" and "Stopped by force" in status.message, status
+    finally:
+        if jobs.active and jobs.active.process.poll() is None:
+            jobs.active.process.kill()
 
 
 @pytest.mark.slow

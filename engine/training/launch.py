@@ -54,7 +54,10 @@ def first_failure(failures: dict) -> tuple[int, object]:
 def failure_sentence(run_dir: Path, failures: dict) -> str:
     rank, failure = first_failure(failures)
     sentence = describe_rank_exit(rank, failure.pid, failure.exitcode)
-    message = str(getattr(failure, "message", "") or "")
+    message = getattr(failure, "message", "") or ""
+    if isinstance(message, dict):  # torch's own structured form (an exception recorded by @record)
+        message = message.get("message", "")
+    message = str(message)
     if failure.exitcode > 0 and message and "pytorch.org" not in message:
         sentence += f": {message.splitlines()[0][:300]}"
     others = sorted(r for r in failures if r != rank)

@@ -481,6 +481,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler.stop()  # no more gpu.jsonl appends while the failure is recorded (the disk may be full)
         reason = recovery.failure_reason(run_dir, error, _last_step(run_dir), explain_failure)
         if WORLD_SIZE > 1:
+            record_rank_failure(reason)
             reason = f"Rank {RANK} of {WORLD_SIZE}: {reason}"
         for say in (traceback.print_exc, lambda: log(f"failed: {reason}", every_rank=True)):
             try:
@@ -495,6 +496,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sampler.stop()
         release_locks()
+
+
+def record_rank_failure(reason: str) -> None:
+    """Leave this rank's reason where torchrun looks for it (TORCHELASTIC_ERROR_FILE, its plain-message form), so
+    the launcher's sentence about a failed rank says why; rank 0 also records it in status.json."""
+    import json
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps({"message": reason, "timestamp": int(time.time())}), encoding="utf-8")
+    except OSError:
+        pass  # the launcher then names the rank and its exit code without the reason
 
 
 def release_locks() -> None:
