@@ -398,3 +398,26 @@ def test_show_command_prints_every_machines_launch_command(tmp_path):
     assert "--set distributed.strategy=ddp" in command
     assert "# machine 1" in command and "--machine_rank 1 --main_process_ip 10.0.0.7" in command
     assert f"--config_file {tmp_path}/RUN_NAME/accelerate/config.yaml" in command
+
+
+@pytest.mark.slow
+def test_the_dashboards_show_command_gives_the_launch_commands(tmp_path):
+    """Through a served dashboard (gradio_client): the Multi-GPU fields are in the form and Show command
+    answers with the run's accelerate launch commands under the dashboard's runs folder."""
+    from gradio_client import Client
+
+    from tests.test_app_e2e import Dashboard
+    from ui.train_tab import FIELD_NAMES, config_to_values
+
+    (tmp_path / "runs").mkdir()
+    board = Dashboard(tmp_path / "runs")
+    try:
+        config = load_preset("demo-lora", DDP + ["distributed.num_machines=2", "distributed.main_process_ip=10.0.0.7",
+                                                 "distributed.main_process_port=29500"])
+        assert "distributed.strategy" in FIELD_NAMES
+        shown = json.dumps(Client(board.url, verbose=False).predict("demo-lora", "lora", *config_to_values(config),
+                                                                   api_name="/show_command"))
+        assert "--machine_rank 1 --main_process_ip 10.0.0.7" in shown
+        assert f"{tmp_path / 'runs' / 'RUN_NAME' / 'accelerate' / 'config.yaml'}" in shown  # the name comes at start
+    finally:
+        board.close()

@@ -118,8 +118,8 @@ def decide_runtime(config: RunConfig, device: str | None = None) -> Runtime:
     if is_distributed(config):
         dist = config.distributed
         if not cuda:
-            say(f"{dist.strategy} on the CPU: {dist.world_size} processes train over gloo, one copy of the model "
-                "each; this checks the set-up, it is not faster than one process.")
+            say(f"{dist.strategy} on the CPU: {dist.world_size} processes, each with a copy of the model, average "
+                "their gradients over gloo; they share this machine's cores.")
         if dist.strategy == "fsdp" and quant.load_in_4bit and runtime.compute_dtype != quant.bnb_4bit_quant_storage:
             say(f"QLoRA with FSDP stores the 4-bit weights in the compute dtype: {runtime.compute_dtype} on this "
                 "machine.")

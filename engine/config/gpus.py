@@ -48,7 +48,7 @@ def gpus_line() -> str:
     """One line for the Train form: what a multi-GPU run can use here."""
     gpus = visible_gpus()
     if not gpus:
-        return ("NVML sees no GPU on this machine: a ddp or fsdp run starts its processes on the CPU "
-                "(gloo backend), which tests the set-up but is not faster.")
+        return ("NVML sees no GPU on this machine: a ddp run starts its processes on the CPU (gloo backend), "
+                "sharing its cores; fsdp needs GPUs.")
     return f"NVML sees {len(gpus)} GPU{'s' if len(gpus) != 1 else ''}: " + \
         ", ".join(f"{index}: {name}" for index, name in enumerate(gpus)) + "."

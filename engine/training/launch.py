@@ -75,6 +75,11 @@ def run(run_dir: Path, resume: bool = False) -> int:
     config = RunConfig.from_yaml(RunPaths(run_dir).config)
     rundir.write_launch_files(run_dir, config)  # a run made before they existed gets them now
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    from engine.config.gpus import visible_gpus
+
+    if not visible_gpus() and "OMP_NUM_THREADS" not in os.environ:
+        # CPU ranks share this machine's cores (torchrun would give each one thread).
+        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // config.distributed.num_processes))
     args = launch_command_parser().parse_args(launch_arguments(config, run_dir, 0, resume))
     try:
         launch_command(args)

@@ -313,7 +313,10 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
         update_status(run_dir, "stopped", message="Stopped while waiting for the device; nothing was trained.")
         paths.stop_request.unlink(missing_ok=True)
         return "stopped"
-    trackers.prepare(run_dir, runtime, say=lambda sentence: record_fallback(run_dir, sentence))
+    if IS_MAIN:  # transformers reports from rank 0 only; the other ranks leave the trackers alone
+        trackers.prepare(run_dir, runtime, say=lambda sentence: record_fallback(run_dir, sentence))
+    else:
+        runtime.report_to = []
     update_status(run_dir, message="Finding the base model.")
     model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
