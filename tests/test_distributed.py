@@ -421,3 +421,16 @@ def test_the_dashboards_show_command_gives_the_launch_commands(tmp_path):
         assert f"{tmp_path / 'runs' / 'RUN_NAME' / 'accelerate' / 'config.yaml'}" in shown  # the name comes at start
     finally:
         board.close()
+
+
+def test_a_multi_gpu_runs_measured_peak_is_its_largest_share_of_one_gpu(tmp_path):
+    from ui.memory_tab import measured_peaks, run_comparison_markdown
+
+    run_dir = rundir.create_run(tmp_path, load_preset("demo-lora", DDP).validate(), name="pergpu")
+    samples = [{"t": 1000.0 + i, "source": "nvml", "process_bytes": (5 + i) * GiB,
+                "devices": [{"index": 0, "process_bytes": 2 * GiB}, {"index": 1, "process_bytes": (3 + i) * GiB}]}
+               for i in range(2)]
+    (run_dir / "gpu.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    assert measured_peaks(run_dir)["nvml"] == 4 * GiB  # GPU 1's share at its highest, not the 6 GiB of both
+    text = run_comparison_markdown(tmp_path, "pergpu")
+    assert "per GPU (2 processes, ddp)" in text and "| 4.00 GiB |" in text

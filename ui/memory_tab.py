@@ -241,7 +241,11 @@ def measured_peaks(run_dir: Path) -> dict[str, int | None]:
         value = event.get("torch_peak_allocated_bytes")
         if isinstance(value, (int, float)) and (torch_peak is None or value > torch_peak):
             torch_peak = int(value)
-    nvml_peak, source = rundir.peak_memory(rundir.read_gpu_samples(run_dir))
+    try:
+        per_gpu = rundir.load_config(run_dir).distributed.strategy != "none"  # the prediction is per GPU then
+    except LoraLabError:
+        per_gpu = False
+    nvml_peak, source = rundir.peak_memory(rundir.read_gpu_samples(run_dir), per_gpu=per_gpu)
     return {"torch": torch_peak, "nvml": nvml_peak, "nvml_source": source}
 
 
@@ -271,7 +275,11 @@ def run_comparison_markdown(runs_dir: Path, run_name: str | None) -> str:
     note = ""
     if measured["nvml_source"] == "process_rss":
         note = "\n\nThis run had no NVIDIA GPU: the 'measured' memory is process RAM, not VRAM."
-    return f"**{run_name}** ({est.model}, {METHOD_LABELS[est.settings['method']]}), peak at: {est.peak_phase}\n\n" + \
+    if per_gpu_label(est.settings):
+        note += ("\n\nPer GPU: torch's peak is rank 0's; NVML's is the run's largest share of one GPU "
+                 "(on the CPU, the RAM of every rank together).")
+    return f"**{run_name}** ({est.model}, {METHOD_LABELS[est.settings['method']]}{per_gpu_label(est.settings)}), " \
+        f"peak at: {est.peak_phase}\n\n" + \
         "\n".join(rows) + note
 
 

@@ -967,11 +967,17 @@ def load_config(run_dir: Path):
     return RunConfig.from_yaml(RunPaths(Path(run_dir)).config)
 
 
-def peak_memory(samples: list[dict]) -> tuple[int | None, str | None]:
-    """Largest memory used by the training process (NVML per-process, else device used, else RSS)."""
+def peak_memory(samples: list[dict], per_gpu: bool = False) -> tuple[int | None, str | None]:
+    """Largest memory used by the training process (NVML per-process, else device used, else RSS).
+
+    ``per_gpu``: a multi-GPU run's largest share of any one GPU (what the per-GPU prediction is), when
+    NVML gave per-device shares; else as above."""
     peak, source = None, None
     for sample in samples:
         value = sample.get("process_bytes")
+        if per_gpu:
+            shares = [d.get("process_bytes") for d in sample.get("devices") or [] if isinstance(d, dict)]
+            value = max((v for v in shares if _is_number(v)), default=value)
         if not _is_number(value) and sample.get("devices"):
             used = [d.get("used_bytes") for d in sample["devices"] if isinstance(d, dict)]
             value = max((u for u in used if _is_number(u)), default=None)
