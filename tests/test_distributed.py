@@ -321,6 +321,23 @@ def test_a_forced_stop_through_the_job_manager_ends_every_rank(demo_model_dir, t
 
 
 @pytest.mark.slow
+def test_a_signalled_launcher_ends_every_rank_and_says_so(demo_model_dir, tmp_path):
+    config = load_preset("demo-lora", SHORT + DDP + ["train.max_steps=400", "train.per_device_train_batch_size=4",
+                                                     "train.save_steps=1000"]).validate()
+    run_dir = rundir.create_run(tmp_path, config, name="sigterm")
+    process = spawn_worker(run_dir)
+    try:
+        wait_for_ranks(run_dir, 2, step=1)
+        os.kill(process.pid, signal.SIGTERM)
+        assert wait_gone(run_dir, process) == 1
+        status = rundir.read_run_status(run_dir)
+        assert status.state == "failed" and "launcher received SIGTERM and stopped every rank" in status.error, status
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+@pytest.mark.slow
 def test_the_death_of_one_rank_fails_the_run_naming_the_rank_and_its_exit(demo_model_dir, tmp_path):
     config = load_preset("demo-lora", SHORT + DDP + ["train.max_steps=400", "train.per_device_train_batch_size=4",
                                                      "train.save_steps=1000"]).validate()

@@ -178,16 +178,16 @@ def kill_worker(run_dir: Path, pid: int, reason: str, process: subprocess.Popen 
             os.killpg(pid, signal.SIGKILL)  # its own session (spawn_worker): the children go too
         except ProcessLookupError:
             os.kill(pid, signal.SIGKILL)  # started by hand, not a group leader
-        for child in children:
-            try:
-                child.kill()
-            except psutil.Error:
-                pass  # gone already
     except ProcessLookupError:
         pass  # already gone
     except PermissionError:
         raise RunError(f"Not allowed to stop the worker of run '{Path(run_dir).name}' (pid {pid}): it belongs to "
                        "another user.") from None
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass  # gone already, or not ours
     if process is not None:
         process.wait(timeout=wait_s)
     else:

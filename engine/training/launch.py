@@ -70,6 +70,7 @@ def failure_sentence(run_dir: Path, failures: dict) -> str:
 def run(run_dir: Path, resume: bool = False) -> int:
     """Launch every local rank through accelerate and wait; returns this process's exit code."""
     from accelerate.commands.launch import launch_command, launch_command_parser
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     config = RunConfig.from_yaml(RunPaths(run_dir).config)
@@ -91,6 +92,12 @@ def run(run_dir: Path, resume: bool = False) -> int:
         if recorded.ended and rank == 0 and failure.exitcode in (EXIT_FAILED, EXIT_STOPPED):
             return failure.exitcode  # rank 0 recorded the outcome itself (a stop exits with EXIT_STOPPED)
         update_launch(run_dir, "failed", message="Failed.", error=failure_sentence(run_dir, error.failures))
+        return EXIT_FAILED
+    except SignalException as error:  # the launcher itself was signalled: torchrun ended every rank first
+        step = rundir.read_run_status(run_dir, derive=False).step
+        update_launch(run_dir, "failed", unless_ended=True, message="Failed.",
+                      error=f"accelerate's launcher received {error.sigval.name} and stopped every rank. Last "
+                            f"recorded step: {step}." + rundir.resume_hint(run_dir))
         return EXIT_FAILED
     return 0
 

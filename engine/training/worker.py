@@ -228,7 +228,8 @@ def make_callback(run_dir: Path):
             if not state.is_world_process_zero:
                 return  # rank 0 writes the metrics (tokens are summed over every rank by transformers)
             record.update(_torch_memory())
-            record["processes"] = args.world_size
+            if args.world_size > 1:
+                record["processes"] = args.world_size
             rundir.append_jsonl(paths.metrics, record)
             if is_eval and state.global_step == 0:
                 update_status(run_dir, baseline_eval_loss=record["eval_loss"])
@@ -482,15 +483,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0 if final == "completed" else EXIT_STOPPED
     except BaseException as error:  # noqa: BLE001 - the run directory must say why, whatever it was
         sampler.stop()  # no more gpu.jsonl appends while the failure is recorded (the disk may be full)
-        reason = recovery.failure_reason(run_dir, error, _last_step(run_dir), explain_failure)
+        # A full disk is cleaned up once, by rank 0; the other ranks only explain.
+        reason = recovery.failure_reason(run_dir, error, _last_step(run_dir), explain_failure) if IS_MAIN \
+            else explain_failure(error)
         if WORLD_SIZE > 1:
             record_rank_failure(reason)
-            reason = f"Rank {RANK} of {WORLD_SIZE}: {reason}"
         for say in (traceback.print_exc, lambda: log(f"failed: {reason}", every_rank=True)):
             try:
                 say()
             except OSError:
                 pass  # train.log may be on the full disk: status.json below is the record that counts
+        if WORLD_SIZE > 1:
+            reason = f"Rank {RANK} of {WORLD_SIZE}: {reason}"
         try:
             update_status(run_dir, "failed", message="Failed.", error=reason)
         except OSError:
