@@ -456,6 +456,7 @@ def launch_arguments(config: RunConfig, run_dir: str | Path, machine_rank: int =
     launcher on machine 0; ``launch_commands`` prints the same for every machine.
     """
     dist = config.distributed
+    run_dir = Path(run_dir).resolve()  # the commands start in the project folder, wherever the runs folder is
     args = ["--config_file", str(accelerate_config_path(run_dir))]
     if dist.num_machines > 1:
         args += ["--num_machines", str(dist.num_machines), "--machine_rank", str(machine_rank),

@@ -115,6 +115,12 @@ def train_main(argv: list[str]) -> int:
     from engine.config.build import boosters_line
 
     print(boosters_line(config))  # what the config asks for; fallbacks follow as notes
+    if config.distributed.strategy != "none":  # the Train form's Multi-GPU line, and where the commands are
+        from engine.config.gpus import gpus_line
+
+        print(gpus_line())
+        print(f"{config.distributed.strategy}: {config.distributed.world_size} processes through accelerate; its "
+              f"config and each machine's launch command: {run_dir / 'accelerate'}")
     _say_busy_devices()
     if args.detach:
         return 0
