@@ -90,7 +90,7 @@ def run(run_dir: Path, resume: bool = False) -> int:
         if rank == 0 and failure.exitcode == EXIT_DUPLICATE:
             return EXIT_DUPLICATE  # another live worker owns the run: nothing here to record
         if recorded.ended and rank == 0 and failure.exitcode in (EXIT_FAILED, EXIT_STOPPED):
-            return failure.exitcode  # rank 0 recorded the outcome itself (a stop exits with EXIT_STOPPED)
+            return failure.exitcode  # rank 0 recorded the outcome itself (failed, or stopped before starting)
         update_launch(run_dir, "failed", message="Failed.", error=failure_sentence(run_dir, error.failures))
         return EXIT_FAILED
     except SignalException as error:  # the launcher itself was signalled: torchrun ended every rank first
@@ -99,7 +99,8 @@ def run(run_dir: Path, resume: bool = False) -> int:
                       error=f"accelerate's launcher received {error.sigval.name} and stopped every rank. Last "
                             f"recorded step: {step}." + rundir.resume_hint(run_dir))
         return EXIT_FAILED
-    return 0
+    # Every rank exited 0 (a stopped run's ranks too, see the worker's main): rank 0's status says which.
+    return EXIT_STOPPED if rundir.read_run_status(run_dir, derive=False).state == "stopped" else 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -295,7 +295,8 @@ _RUN_DIR: Path | None = None
 
 
 def run_training(run_dir: Path, resume: bool = False) -> str:
-    """Train; returns the final state ("completed" or "stopped"). Raises on failure."""
+    """Train; returns the final state ("completed" or "stopped"; "not started" when stopped while waiting for
+    the device). Raises on failure."""
     global _RUN_DIR
     _RUN_DIR = run_dir
     paths = RunPaths(run_dir)
@@ -313,7 +314,7 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     if IS_MAIN and not take_device(run_dir, runtime):  # rank 0 holds the device lock for the whole run
         update_status(run_dir, "stopped", message="Stopped while waiting for the device; nothing was trained.")
         paths.stop_request.unlink(missing_ok=True)
-        return "stopped"
+        return "not started"
     if IS_MAIN:  # transformers reports from rank 0 only; the other ranks leave the trackers alone
         trackers.prepare(run_dir, runtime, say=lambda sentence: record_fallback(run_dir, sentence))
     else:
@@ -480,7 +481,10 @@ def main(argv: list[str] | None = None) -> int:
         sampler.start()
     try:
         final = run_training(run_dir, resume=args.resume)
-        return 0 if final == "completed" else EXIT_STOPPED
+        # The ranks of a multi-GPU run exit 0 when stopped too: torchrun takes any other code for a failure and
+        # would terminate the ranks still saving; rank 0's status says stopped, and the launcher exits by it.
+        # Stopped before starting, rank 0 exits EXIT_STOPPED precisely so torchrun ends the ranks waiting for it.
+        return 0 if final == "completed" or (final == "stopped" and WORLD_SIZE > 1) else EXIT_STOPPED
     except BaseException as error:  # noqa: BLE001 - the run directory must say why, whatever it was
         sampler.stop()  # no more gpu.jsonl appends while the failure is recorded (the disk may be full)
         # A full disk is cleaned up once, by rank 0; the other ranks only explain.
