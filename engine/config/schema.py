@@ -622,11 +622,13 @@ class RunConfig:
             check(not ids or max(ids) < len(gpus), "distributed.gpu_ids",
                   f"{dist.gpu_ids} names a GPU this machine does not have; NVML sees {seen}.")
         else:
-            # accelerate's FullyShardedDataParallelPlugin refuses a machine without an accelerator ("no available
-            # devices found"); DDP runs its processes on the CPU over gloo.
+            # accelerate 1.15 turns FSDP on only for GPU-like process types: CPU processes (MULTI_CPU) would train
+            # as plain data parallel, silently (tried: same losses as DDP, unsharded checkpoints), and with
+            # RAM-efficient loading its FSDP plugin refuses a machine without an accelerator.
             check(dist.strategy != "fsdp", "distributed.strategy",
-                  "FSDP needs GPUs (accelerate's FSDP plugin refuses a machine without one) and NVML sees none "
-                  "here: use ddp to try a multi-process run on the CPU, or run this config on a GPU machine.")
+                  "FSDP needs GPUs (accelerate shards only across GPU processes; on the CPU it would silently run "
+                  "as DDP) and NVML sees none here: use ddp to try a multi-process run on the CPU, or run this "
+                  "config on a GPU machine.")
         if dist.num_machines > 1:
             check(bool(dist.main_process_ip), "distributed.main_process_ip",
                   f"{dist.num_machines} machines need the address of machine 0 that every machine can reach.")
