@@ -57,7 +57,7 @@ def test_a_valid_ddp_config_has_no_problem():
 
 
 def test_fsdp_is_refused_without_a_gpu_and_accepted_with_two(monkeypatch):
-    assert "FSDP needs GPUs (accelerate's FSDP plugin refuses" in problems(FSDP)["distributed.strategy"]
+    assert "FSDP needs GPUs (accelerate shards only across GPU processes" in problems(FSDP)["distributed.strategy"]
     fake_gpus(monkeypatch)
     assert problems(FSDP) == {}
 
