@@ -126,7 +126,7 @@ def test_the_run_writes_accelerates_config_and_every_machines_command(tmp_path, 
     script = (folder / "launch_machine_1.sh").read_text()
     assert os.access(folder / "launch_machine_1.sh", os.X_OK)
     expected = launch_commands(config, run_dir, PROJECT_ROOT)[1]
-    assert expected in script
+    assert expected in script and "export CUDA_DEVICE_ORDER=PCI_BUS_ID" in script  # gpu_ids are NVML's indices
     assert ("--num_machines 2 --machine_rank 1 --main_process_ip 10.0.0.7 --main_process_port 29500 "
             f"--module engine.training.worker {run_dir}") in expected
     # accelerate's launcher accepts machine 1's arguments as written (validated, not launched)

@@ -385,7 +385,9 @@ def early_stopping_callback(config: RunConfig, has_eval: bool):
 # ----------------------------------------------------------------------------- multi-GPU: accelerate's config and launch
 ACCELERATE_DIR = "accelerate"  # inside the run directory: config.yaml and one launch command per machine
 ACCELERATE_CONFIG = "config.yaml"
-DEFAULT_MULTI_NODE_PORT = 29500
+# distributed.gpu_ids are NVML's indices (what the form lists); CUDA numbers GPUs fastest-first unless told
+# to follow the PCI bus as NVML does.
+GPU_ORDER_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
 
 
 def is_distributed(config: RunConfig) -> bool:
@@ -494,8 +496,9 @@ def write_accelerate_files(config: RunConfig, run_dir: str | Path, project_root:
     for rank, command in enumerate(launch_commands(config, run_dir, project_root)):
         script = folder / f"launch_machine_{rank}.sh"
         who = "the dashboard runs this one itself" if rank == 0 else "run this on that machine"
+        order = "".join(f"export {key}={value}\n" for key, value in GPU_ORDER_ENV.items())
         script.write_text(f"#!/bin/sh\n# Machine {rank} of {total} ({who}); add --resume to continue from the "
-                          f"last checkpoint.\nexport PYTHONPATH={shlex.quote(str(project_root))}\n{command}\n",
+                          f"last checkpoint.\nexport PYTHONPATH={shlex.quote(str(project_root))}\n{order}{command}\n",
                           encoding="utf-8")
         script.chmod(0o755)
         written.append(script)

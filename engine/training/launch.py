@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from engine.config import RunConfig
-from engine.config.build import launch_arguments
+from engine.config.build import GPU_ORDER_ENV, launch_arguments
 from engine.training import rundir
 from engine.training.rundir import RunPaths, update_launch
 
@@ -76,6 +76,8 @@ def run(run_dir: Path, resume: bool = False) -> int:
     config = RunConfig.from_yaml(RunPaths(run_dir).config)
     rundir.write_launch_files(run_dir, config)  # a run made before they existed gets them now
     os.environ[LAUNCHER_PID_ENV] = str(os.getpid())
+    for key, value in GPU_ORDER_ENV.items():
+        os.environ.setdefault(key, value)
     from engine.config.gpus import visible_gpus
 
     if not visible_gpus() and "OMP_NUM_THREADS" not in os.environ:
