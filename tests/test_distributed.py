@@ -185,7 +185,7 @@ def test_the_failure_sentence_carries_the_ranks_own_reason(tmp_path):
     failures = {0: Failure(-15, 100, 11, "Signal 15 (SIGTERM) received by PID 11"),
                 1: Failure(1, 100, 12, {"message": "ValueError: a bad row", "extraInfo": {"timestamp": "100"}})}
     assert failure_sentence(run_dir, failures) == (
-        "Rank 1 (pid 12) exited with code 1: ValueError: a bad row (2 of the ranks failed: 1, 0); accelerate's "
+        "Rank 1 (pid 12) exited with code 1: ValueError: a bad row (torchrun reported ranks 1, 0); accelerate's "
         "launcher stopped the other ranks. Last recorded step: 0. No complete checkpoint was saved, so resume "
         "starts over.")
 

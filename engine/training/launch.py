@@ -61,7 +61,7 @@ def failure_sentence(run_dir: Path, failures: dict) -> str:
     if failure.exitcode > 0 and message and "pytorch.org" not in message:
         sentence += f": {message.splitlines()[0][:300]}"
     others = sorted(r for r in failures if r != rank)
-    world = f" ({len(failures)} of the ranks failed: {', '.join(map(str, [rank] + others))})" if others else ""
+    world = f" (torchrun reported ranks {', '.join(map(str, [rank] + others))})" if others else ""
     step = rundir.read_run_status(run_dir, derive=False).step
     return (f"{sentence}{world}; accelerate's launcher stopped the other ranks. Last recorded step: {step}."
             + rundir.resume_hint(run_dir))
