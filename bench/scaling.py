@@ -48,7 +48,8 @@ def run_once(runs_dir: Path, name: str, processes: int, steps: int, batch: int, 
     from engine.training.jobs import spawn_worker
 
     overrides = ["eval.metric=none", "data.eval_path=", "data.eval_fraction=0", f"train.max_steps={steps}",
-                 "train.logging_steps=1", f"train.save_steps={steps * 10}", f"train.per_device_train_batch_size={batch}"]
+                 "train.logging_steps=1", f"train.save_steps={steps * 10}",
+                 f"train.per_device_train_batch_size={batch}"]
     if processes > 1:
         overrides += ["distributed.strategy=ddp", f"distributed.num_processes={processes}"]
     config = load_preset("demo-lora", overrides).validate()

@@ -22,7 +22,7 @@ from engine.config.build import launch_arguments, launch_commands, to_accelerate
 from engine.training import rundir
 from engine.training.jobs import request_stop, spawn_worker, wait_for_state
 from engine.training.launch import describe_rank_exit, first_failure
-from tests.fake_pynvml import GiB, FakeGpu, FakeNvml
+from tests.fake_pynvml import FakeGpu, FakeNvml, GiB
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 DDP = ["distributed.strategy=ddp", "distributed.num_processes=2", "eval.metric=none"]

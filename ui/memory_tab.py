@@ -555,8 +555,9 @@ def build(ctx) -> None:
                   "method": method, "rank": rank, "alpha": alpha, "targets": targets, "dora": dora,
                   "lora_dropout": dropout, "batch_size": batch, "seq_len": seq_len, "gradient_checkpointing": grad_ckpt,
                   "optimizer": optimizer, "compute_dtype": dtype, "double_quant": double_quant, "attn": attn,
-                  "loss": loss, "kbit_upcast": kbit_upcast, "padding_free": padding_free, "liger": liger, "strategy": strategy,
-                  "processes": processes, "fsdp_sharding": fsdp_sharding, "fsdp_offload": fsdp_offload, "gpu": gpu}
+                  "loss": loss, "kbit_upcast": kbit_upcast, "padding_free": padding_free, "liger": liger,
+                  "strategy": strategy, "processes": processes, "fsdp_sharding": fsdp_sharding,
+                  "fsdp_offload": fsdp_offload, "gpu": gpu}
     estimate = partial(estimate_from_components, components)
     inputs = set(components.values())
     estimate_button.click(estimate, inputs, [figure, table, summary])

@@ -382,7 +382,7 @@ def early_stopping_callback(config: RunConfig, has_eval: bool):
     return EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience)
 
 
-# ----------------------------------------------------------------------------- multi-GPU: accelerate's config and launch
+# ----------------------------------------------------------------------------- multi-GPU: accelerate config, launch
 ACCELERATE_DIR = "accelerate"  # inside the run directory: config.yaml and one launch command per machine
 ACCELERATE_CONFIG = "config.yaml"
 # distributed.gpu_ids are NVML's indices (what the form lists); CUDA numbers GPUs fastest-first unless told

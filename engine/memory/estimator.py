@@ -873,8 +873,10 @@ def per_gpu_label(settings: dict) -> str:
     """' per GPU (4 processes, fsdp FULL_SHARD)' for a multi-GPU estimate, else ''."""
     if settings.get("strategy", "none") == "none" or settings.get("processes", 1) <= 1:
         return ""
-    how = settings["strategy"] + (f" {settings.get('fsdp_sharding')}" if settings["strategy"] == "fsdp" else "")
-    return f" per GPU ({settings['processes']} processes, {how}{', CPU offload' if settings.get('fsdp_offload') and settings['strategy'] == 'fsdp' else ''})"
+    fsdp = settings["strategy"] == "fsdp"
+    how = settings["strategy"] + (f" {settings.get('fsdp_sharding')}" if fsdp else "")
+    offload = ", CPU offload" if fsdp and settings.get("fsdp_offload") else ""
+    return f" per GPU ({settings['processes']} processes, {how}{offload})"
 
 
 def format_table(est: MemoryEstimate) -> str:
