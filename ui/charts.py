@@ -377,11 +377,12 @@ def _live_memory(samples: list[Mapping[str, Any]]) -> tuple[go.Figure, str, str]
     for when, sample in zip(times, samples):
         for device in sample.get("devices") or []:
             series = devices.setdefault(
-                device["index"], {"t": [], "used": [], "total": [], "name": device.get("name")}
+                device["index"], {"t": [], "used": [], "total": [], "run": [], "name": device.get("name")}
             )
             series["t"].append(when)
             series["used"].append(_gib(device.get("used_bytes")))
             series["total"].append(_gib(device.get("total_bytes")))
+            series["run"].append(_gib(device.get("process_bytes")))
     for index, series in sorted(devices.items()):
         colour = _COLOURS[index % len(_COLOURS)]
         group = f"gpu{index}"
@@ -408,6 +409,13 @@ def _live_memory(samples: list[Mapping[str, Any]]) -> tuple[go.Figure, str, str]
                 line={"dash": "dot", "width": 1},
             )
         )
+    # A multi-GPU run: its own memory on each GPU it uses (one rank per GPU), one trace each.
+    in_use = {index: series for index, series in devices.items()
+              if any(value for value in series["run"] if value is not None)}
+    if len(in_use) > 1:
+        for index, series in sorted(in_use.items()):
+            fig.add_trace(_line(series["t"], series["run"], f"GPU {index}: this run", _COLOURS[index % len(_COLOURS)],
+                                f"gpu{index}", mode="lines", line={"dash": "dash", "width": 2}))
     process_name = (
         "training process RAM"
         if rss

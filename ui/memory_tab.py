@@ -28,6 +28,7 @@ from engine.memory.estimator import (
     estimate,
     fits_on_gpus,
     max_batch_or_seq_that_fits,
+    per_gpu_label,
     settings_from_run_config,
 )
 
@@ -67,9 +68,9 @@ def resolve_arch(source: str, catalog_id: str | None, folder: str | None, dims: 
 # The form holds a MemorySettings field per component (same names), plus the model and the GPU.
 SETTING_FIELDS = ("method", "rank", "alpha", "targets", "dora", "lora_dropout", "batch_size", "seq_len",
                   "gradient_checkpointing", "optimizer", "compute_dtype", "double_quant", "attn", "loss",
-                  "kbit_upcast", "padding_free", "liger")
+                  "kbit_upcast", "padding_free", "liger", "strategy", "processes", "fsdp_sharding", "fsdp_offload")
 MODEL_FIELDS = ("source", "catalog_id", "folder", "hidden", "layers", "heads", "kv_heads", "intermediate", "vocab")
-INT_SETTINGS = ("rank", "alpha", "batch_size", "seq_len")
+INT_SETTINGS = ("rank", "alpha", "batch_size", "seq_len", "processes")
 
 
 def settings_from_values(values: dict[str, Any]) -> MemorySettings:
@@ -149,7 +150,8 @@ def terms_table(est: MemoryEstimate) -> list[list]:
 
 def summary_markdown(arch: ModelArch, settings: MemorySettings, est: MemoryEstimate, gpu: str | None) -> str:
     lines = [
-        f"**{est.model}** ({arch.total_params / 1e9:.2f} B parameters), {METHOD_LABELS[est.settings['method']]}: "
+        f"**{est.model}** ({arch.total_params / 1e9:.2f} B parameters), {METHOD_LABELS[est.settings['method']]}"
+        f"{per_gpu_label(est.settings)}: "
         f"peak allocated **{est.peak_allocated_bytes / GIB:.2f} GiB**, nvidia-smi about "
         f"**{est.nvidia_smi_bytes / GIB:.2f} GiB**; {est.parameters['trainable']:,} trainable parameters.",
         "",
@@ -239,7 +241,11 @@ def measured_peaks(run_dir: Path) -> dict[str, int | None]:
         value = event.get("torch_peak_allocated_bytes")
         if isinstance(value, (int, float)) and (torch_peak is None or value > torch_peak):
             torch_peak = int(value)
-    nvml_peak, source = rundir.peak_memory(rundir.read_gpu_samples(run_dir))
+    try:
+        per_gpu = rundir.load_config(run_dir).distributed.strategy != "none"  # the prediction is per GPU then
+    except LoraLabError:
+        per_gpu = False
+    nvml_peak, source = rundir.peak_memory(rundir.read_gpu_samples(run_dir), per_gpu=per_gpu)
     return {"torch": torch_peak, "nvml": nvml_peak, "nvml_source": source}
 
 
@@ -269,7 +275,11 @@ def run_comparison_markdown(runs_dir: Path, run_name: str | None) -> str:
     note = ""
     if measured["nvml_source"] == "process_rss":
         note = "\n\nThis run had no NVIDIA GPU: the 'measured' memory is process RAM, not VRAM."
-    return f"**{run_name}** ({est.model}, {METHOD_LABELS[est.settings['method']]}), peak at: {est.peak_phase}\n\n" + \
+    if per_gpu_label(est.settings):
+        note += ("\n\nPer GPU: torch's peak is rank 0's; NVML's is the run's largest share of one GPU "
+                 "(on the CPU, the RAM of every rank together).")
+    return f"**{run_name}** ({est.model}, {METHOD_LABELS[est.settings['method']]}{per_gpu_label(est.settings)}), " \
+        f"peak at: {est.peak_phase}\n\n" + \
         "\n".join(rows) + note
 
 
@@ -526,6 +536,13 @@ def build(ctx) -> None:
                                    value="chunked", label="loss")
                 padding_free = gr.Checkbox(False, label="padding-free batches (padding_free, or bfd packing)")
                 liger = gr.Checkbox(False, label="Liger kernels")
+            with gr.Accordion("Several GPUs (per-GPU estimate)", open=False):
+                strategy = gr.Radio([("one GPU", "none"), ("DDP (replicated)", "ddp"), ("FSDP (sharded)", "fsdp")],
+                                    value="none", label="strategy")
+                processes = gr.Number(1, label="GPUs (processes) in all", precision=0, minimum=1)
+                fsdp_sharding = gr.Dropdown(["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"],
+                                            value="FULL_SHARD", label="FSDP sharding")
+                fsdp_offload = gr.Checkbox(False, label="FSDP CPU offload (parameters and optimizer states)")
             gpu = gr.Dropdown(list(GPUS), value=DEFAULT_GPU, label="GPU")
     estimate_button = gr.Button("Estimate", variant="primary")
     figure = gr.Plot(label="Full vs LoRA vs QLoRA")
@@ -538,7 +555,9 @@ def build(ctx) -> None:
                   "method": method, "rank": rank, "alpha": alpha, "targets": targets, "dora": dora,
                   "lora_dropout": dropout, "batch_size": batch, "seq_len": seq_len, "gradient_checkpointing": grad_ckpt,
                   "optimizer": optimizer, "compute_dtype": dtype, "double_quant": double_quant, "attn": attn,
-                  "loss": loss, "kbit_upcast": kbit_upcast, "padding_free": padding_free, "liger": liger, "gpu": gpu}
+                  "loss": loss, "kbit_upcast": kbit_upcast, "padding_free": padding_free, "liger": liger,
+                  "strategy": strategy, "processes": processes, "fsdp_sharding": fsdp_sharding,
+                  "fsdp_offload": fsdp_offload, "gpu": gpu}
     estimate = partial(estimate_from_components, components)
     inputs = set(components.values())
     estimate_button.click(estimate, inputs, [figure, table, summary])

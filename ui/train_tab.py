@@ -28,6 +28,7 @@ from engine.config import (
     load_preset,
 )
 from engine.config.build import boosters_line
+from engine.config.gpus import gpus_line
 from engine.config.overrides import render_value
 from engine.errors import LoraLabError
 from engine.training import rundir
@@ -53,6 +54,11 @@ FORM_GROUPS: dict[str, list[str]] = {
                  "train.use_liger_kernel"],
     "Task metric": ["eval.metric", "eval.num_samples", "eval.max_new_tokens", "eval.schema_path", "eval.pattern"],
     "Early stopping": ["train.early_stopping_patience", "train.early_stopping_metric", "train.early_stopping_direction"],
+    "Multi-GPU": ["distributed.strategy", "distributed.num_processes", "distributed.gpu_ids",
+                  "distributed.num_machines", "distributed.main_process_ip", "distributed.main_process_port",
+                  "distributed.fsdp_sharding_strategy", "distributed.fsdp_auto_wrap_policy",
+                  "distributed.fsdp_offload_params", "distributed.fsdp_cpu_ram_efficient_loading",
+                  "quant.bnb_4bit_quant_storage"],
 }
 BOOSTER_FIELDS = FORM_GROUPS["Boosters"]
 FIELD_NAMES = [name for names in FORM_GROUPS.values() for name in names]
@@ -296,6 +302,8 @@ def status_html(run_dir: Path | None, ctx: AppContext, metrics: list[dict] | Non
         f"<div style='background:#e5e7eb;border-radius:4px;height:14px;margin:6px 0'>"
         f"<div style='background:#2563eb;width:{percent:.1f}%;height:14px;border-radius:4px'></div></div>",
         f"<div>step <b>{step}</b> / {total or '?'} · elapsed {format_duration(elapsed)} · ETA {format_duration(eta)}"
+        + (f" · {status['processes']} processes (batch and tokens/s count all)" if (status.get("processes") or 1) > 1
+           else "")
         + (f" · base eval loss {baseline:.4f}" if baseline else "")
         + (f" · eval loss {evals[-1]:.4f}" if evals else "")
         + (f" · {html.escape(str(task[-1].get('metric')))} {task[-1]['score']:.3f}"
@@ -381,12 +389,30 @@ def on_upload(ctx: AppContext, path: str | None):
     return str(target)
 
 
-def on_show_command(preset: str, method: str, *values) -> list:
+def on_show_command(preset: str, method: str, *values, runs_dir: Path | None = None) -> list:
     config, errors = form_to_config(preset, method, *values)
     if config is None or errors:
         return field_updates(errors) + [errors_markdown(errors), gr.update(), gr.update(), gr.update()]
-    return field_updates([]) + ["", command_line(preset or DEFAULT_PRESET, config), config.to_yaml(),
-                                gr.update(open=True)]
+    command = command_line(preset or DEFAULT_PRESET, config) + launch_commands_text(config, runs_dir)
+    return field_updates([]) + ["", command, config.to_yaml(), gr.update(open=True)]
+
+
+def launch_commands_text(config: RunConfig, runs_dir: Path | None) -> str:
+    """A multi-GPU run's accelerate launch command for each machine, as the run will write them (accelerate/)."""
+    if config.distributed.strategy == "none":
+        return ""
+    from engine import PROJECT_ROOT
+    from engine.config.build import launch_commands
+
+    run_dir = Path(runs_dir or "runs") / (config.name or "RUN_NAME")
+    machines = config.distributed.num_machines
+    lines = ["", "", f"# {config.distributed.strategy}: {config.distributed.world_size} processes on {machines} "
+             f"machine{'s' if machines != 1 else ''}, launched by accelerate. The run writes its accelerate config "
+             "and these commands", f"# into {run_dir}/accelerate/ (the dashboard runs machine 0's itself; every "
+             "machine needs this project, the model, the data and the run folder at the same paths)."]
+    for rank, command in enumerate(launch_commands(config, run_dir, PROJECT_ROOT)):
+        lines += [f"# machine {rank}", command]
+    return "\n".join(lines)
 
 
 def on_start(ctx: AppContext, preset: str, method: str, *values) -> list:
@@ -523,9 +549,11 @@ def build(ctx: AppContext) -> None:
             form_errors = gr.Markdown(elem_id="loralab-form-errors")
             components = {}
             for group, names in FORM_GROUPS.items():
-                with gr.Accordion(group, open=group not in ("Training", "Boosters", "Task metric")):
+                with gr.Accordion(group, open=group not in ("Training", "Boosters", "Task metric", "Multi-GPU")):
                     for name in names:
                         components[name] = component_for(name, initial.get(name))
+                    if group == "Multi-GPU":
+                        gr.Markdown(gpus_line(), elem_id="loralab-gpus")
                     if group == "Model and data":
                         upload = gr.File(label=f"Upload a dataset (JSONL, JSON, CSV, Parquet; up to "
                                                f"{ctx.max_upload_mb} MB)",
@@ -570,7 +598,7 @@ def build(ctx: AppContext) -> None:
         components[name].change(boosters_markdown, [preset, method] + form, [booster_note], show_progress="hidden",
                                 queue=False)
     upload.upload(partial(on_upload, ctx), [upload], [components["data.path"]])
-    show_command.click(on_show_command, [preset, method] + form,
+    show_command.click(partial(on_show_command, runs_dir=ctx.runs_dir), [preset, method] + form,
                        form + [form_errors, command, resolved_yaml, command_box], api_name="show_command")
     start.click(partial(on_start, ctx), [preset, method] + form, form + [form_errors, watched, table],
                 api_name="start")

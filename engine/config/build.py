@@ -14,6 +14,7 @@ every place that loads or trains a model at once (TRL's ``get_peft_config`` /
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -114,6 +115,14 @@ def decide_runtime(config: RunConfig, device: str | None = None) -> Runtime:
     if quant.bnb_4bit_compute_dtype == "bfloat16" and cuda and not bf16_ok:
         runtime.compute_dtype = "float16"
         say("This GPU has no bf16: 4-bit compute in float16 instead.")
+    if is_distributed(config):
+        dist = config.distributed
+        if not cuda:
+            say(f"{dist.strategy} on the CPU: {dist.world_size} processes, each with a copy of the model, average "
+                "their gradients over gloo; they share this machine's cores.")
+        if dist.strategy == "fsdp" and quant.load_in_4bit and runtime.compute_dtype != quant.bnb_4bit_quant_storage:
+            say(f"QLoRA with FSDP stores the 4-bit weights in the compute dtype: {runtime.compute_dtype} on this "
+                "machine.")
     _decide_boosters(config, runtime, cuda, quantized)
     decide_trackers(config, runtime)
     return runtime
@@ -213,7 +222,15 @@ def to_bnb_config(config: RunConfig, runtime: Runtime):
         bnb_4bit_quant_type=quant.bnb_4bit_quant_type,
         bnb_4bit_use_double_quant=quant.bnb_4bit_use_double_quant,
         bnb_4bit_compute_dtype=getattr(torch, runtime.compute_dtype),
+        bnb_4bit_quant_storage=getattr(torch, quant_storage_for(config, runtime)),
     )
+
+
+def quant_storage_for(config: RunConfig, runtime: Runtime) -> str:
+    """The 4-bit storage dtype; under FSDP it follows the compute dtype this machine runs (see decide_runtime)."""
+    if config.distributed.strategy == "fsdp" and config.quant.load_in_4bit:
+        return runtime.compute_dtype
+    return config.quant.bnb_4bit_quant_storage
 
 
 def model_load_kwargs(config: RunConfig, runtime: Runtime, training: bool = True) -> dict[str, Any]:
@@ -230,8 +247,11 @@ def model_load_kwargs(config: RunConfig, runtime: Runtime, training: bool = True
     if quantization is not None:
         kwargs["quantization_config"] = quantization
         kwargs["dtype"] = getattr(torch, runtime.compute_dtype)
-        if runtime.device.startswith("cuda"):
-            kwargs["device_map"] = {"": 0 if runtime.device == "cuda" else runtime.device}
+        if runtime.device.startswith("cuda") and config.distributed.strategy != "fsdp":
+            # Each process of a multi-GPU run loads onto its own GPU (accelerate's launcher sets LOCAL_RANK);
+            # FSDP places the shards itself.
+            local = int(os.environ.get("LOCAL_RANK", "0"))
+            kwargs["device_map"] = {"": local if runtime.device == "cuda" else runtime.device}
     elif training:
         kwargs["dtype"] = torch.bfloat16 if runtime.bf16 else torch.float32
     else:
@@ -298,6 +318,9 @@ def to_sft_config(config: RunConfig, runtime: Runtime, output_dir: str | Path, h
         include_num_input_tokens_seen="non_padding",
         dataloader_num_workers=0,
         dataset_num_proc=None,
+        # Every LoRA weight takes part in every step: DDP's search for unused parameters would be a wasted
+        # pass over the graph (and transformers turns it on for a PeftModel when unset).
+        ddp_find_unused_parameters=False if is_distributed(config) else None,
     )
 
 
@@ -357,3 +380,126 @@ def early_stopping_callback(config: RunConfig, has_eval: bool):
     from transformers import EarlyStoppingCallback
 
     return EarlyStoppingCallback(early_stopping_patience=config.train.early_stopping_patience)
+
+
+# ----------------------------------------------------------------------------- multi-GPU: accelerate config, launch
+ACCELERATE_DIR = "accelerate"  # inside the run directory: config.yaml and one launch command per machine
+ACCELERATE_CONFIG = "config.yaml"
+# distributed.gpu_ids are NVML's indices (what the form lists); CUDA numbers GPUs fastest-first unless told
+# to follow the PCI bus as NVML does.
+GPU_ORDER_ENV = {"CUDA_DEVICE_ORDER": "PCI_BUS_ID"}
+
+
+def is_distributed(config: RunConfig) -> bool:
+    return config.distributed.strategy != "none"
+
+
+def to_accelerate_config(config: RunConfig) -> dict[str, Any]:
+    """accelerate's config file (what ``accelerate config`` would write) for the run's ``distributed`` section.
+
+    ``mixed_precision`` stays "no" here: transformers' ``TrainingArguments`` sets accelerate's
+    precision from the run's own bf16 decision (``decide_runtime``), so the two never disagree.
+    Without GPUs the DDP launch is still accelerate's multi-GPU launcher (torchrun): each
+    process then trains on the CPU (``use_cpu``, set by ``to_sft_config``) and accelerate picks
+    the gloo backend; accelerate's own ``--cpu`` launcher starts one process unless MPI is there.
+    """
+    dist = config.distributed
+    data: dict[str, Any] = {
+        "compute_environment": "LOCAL_MACHINE",
+        "distributed_type": "FSDP" if dist.strategy == "fsdp" else "MULTI_GPU",
+        "num_machines": dist.num_machines,
+        "num_processes": dist.world_size,  # accelerate counts processes over all machines
+        "machine_rank": 0,
+        "gpu_ids": str(dist.gpu_ids or "all").replace(" ", ""),
+        "main_process_ip": dist.main_process_ip,
+        "main_process_port": dist.main_process_port,
+        "rdzv_backend": "static",
+        "same_network": True,
+        "mixed_precision": "no",
+        "use_cpu": False,
+        "downcast_bf16": "no",
+        "debug": False,
+        "main_training_function": "main",
+        "tpu_env": [],
+        "tpu_use_cluster": False,
+        "tpu_use_sudo": False,
+    }
+    if dist.num_machines == 1:
+        data.pop("main_process_ip")
+    if dist.strategy == "fsdp":
+        data["fsdp_config"] = {
+            "fsdp_version": 1,
+            "fsdp_sharding_strategy": dist.fsdp_sharding_strategy,
+            "fsdp_auto_wrap_policy": dist.fsdp_auto_wrap_policy,
+            "fsdp_offload_params": dist.fsdp_offload_params,
+            "fsdp_cpu_ram_efficient_loading": dist.fsdp_cpu_ram_efficient_loading,
+            # sync_module_states broadcasts rank 0's weights, which RAM-efficient loading requires.
+            "fsdp_sync_module_states": True,
+            "fsdp_backward_prefetch": "BACKWARD_PRE",
+            "fsdp_forward_prefetch": False,
+            # PEFT's FSDP recipe: frozen and trainable weights in one flat parameter need use_orig_params off
+            # (transformers' Trainer wraps with PEFT's auto-wrap policy when the model is a PeftModel).
+            "fsdp_use_orig_params": False,
+            # Checkpoints sharded per rank (fast to save and resumable); the adapter is gathered when saved.
+            "fsdp_state_dict_type": "SHARDED_STATE_DICT",
+            "fsdp_activation_checkpointing": False,
+        }
+    return data
+
+
+def accelerate_config_path(run_dir: str | Path) -> Path:
+    return Path(run_dir) / ACCELERATE_DIR / ACCELERATE_CONFIG
+
+
+def launch_arguments(config: RunConfig, run_dir: str | Path, machine_rank: int = 0, resume: bool = False) -> list[str]:
+    """The arguments after ``accelerate launch`` that start the worker on machine ``machine_rank``.
+
+    The dashboard's launcher (``engine.training.launch``) passes exactly these to accelerate's
+    launcher on machine 0; ``launch_commands`` prints the same for every machine.
+    """
+    dist = config.distributed
+    run_dir = Path(run_dir).resolve()  # the commands start in the project folder, wherever the runs folder is
+    args = ["--config_file", str(accelerate_config_path(run_dir))]
+    if dist.num_machines > 1:
+        args += ["--num_machines", str(dist.num_machines), "--machine_rank", str(machine_rank),
+                 "--main_process_ip", str(dist.main_process_ip), "--main_process_port", str(dist.main_process_port)]
+    args += ["--module", "engine.training.worker", str(run_dir)]
+    return args + (["--resume"] if resume else [])
+
+
+def launch_commands(config: RunConfig, run_dir: str | Path, project_root: str | Path,
+                    resume: bool = False) -> list[str]:
+    """One shell command per machine, machine 0 first: what "Show command" shows and ``accelerate/`` holds.
+
+    Every machine needs this project, the base model and the data at the same paths, and the
+    run directory on a shared filesystem (the non-zero ranks read its config; rank 0 writes).
+    """
+    import shlex
+
+    return [f"cd {shlex.quote(str(project_root))} && accelerate launch "
+            + shlex.join(launch_arguments(config, run_dir, rank, resume))
+            for rank in range(config.distributed.num_machines)]
+
+
+def write_accelerate_files(config: RunConfig, run_dir: str | Path, project_root: str | Path) -> list[Path]:
+    """Write ``accelerate/config.yaml`` and ``accelerate/launch_machine_<rank>.sh`` into the run; returns them."""
+    import shlex
+
+    import yaml
+
+    folder = Path(run_dir) / ACCELERATE_DIR
+    folder.mkdir(parents=True, exist_ok=True)
+    path = accelerate_config_path(run_dir)
+    path.write_text(yaml.safe_dump(to_accelerate_config(config), sort_keys=False), encoding="utf-8")
+    written = [path]
+    total = config.distributed.num_machines
+    for rank, command in enumerate(launch_commands(config, run_dir, project_root)):
+        script = folder / f"launch_machine_{rank}.sh"
+        who = "the dashboard runs this one itself" if rank == 0 else "run this on that machine"
+        order = "".join(f"export {key}={value}\n" for key, value in GPU_ORDER_ENV.items())
+        script.write_text(f"#!/bin/sh\n# Machine {rank} of {total} ({who}); add --resume to continue from the "
+                          f"last checkpoint.\nexport PYTHONPATH={shlex.quote(str(project_root))}\n{order}{command}\n",
+                          encoding="utf-8")
+        script.chmod(0o755)
+        written.append(script)
+    return written

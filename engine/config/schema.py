@@ -40,6 +40,10 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 ALL_LINEAR = "all-linear"
 EARLY_STOPPING_METRICS = ("eval_loss", "task_score")
 EARLY_STOPPING_DIRECTIONS = ("auto", "lower", "higher")
+STRATEGIES = ("none", "ddp", "fsdp")
+FSDP_SHARDING = ("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD")
+FSDP_WRAP = ("TRANSFORMER_BASED_WRAP", "SIZE_BASED_WRAP", "NO_WRAP")
+QUANT_STORAGE = ("uint8", "bfloat16", "float16", "float32")
 
 
 # ----------------------------------------------------------------------------- field specs
@@ -226,6 +230,10 @@ class QuantSection:
                                            "Double quantization")
     bnb_4bit_compute_dtype: str = spec("bfloat16", "Dtype of matmuls over dequantized weights.", "4-bit compute dtype",
                                        choices_from=COMPUTE_DTYPES)
+    bnb_4bit_quant_storage: str = spec("uint8", "Dtype the packed 4-bit weights are stored in. FSDP flattens every "
+                                       "weight of a wrapped block into one tensor, so QLoRA + FSDP needs it equal to "
+                                       "the compute dtype (e.g. bfloat16); uint8 otherwise.", "4-bit storage dtype",
+                                       choices_from=QUANT_STORAGE)
 
 
 @dataclass
@@ -323,8 +331,62 @@ class EvalSection:
                                "Regex pattern", kind="str", optional=True)
 
 
+@dataclass
+class DistributedSection:
+    """Data-parallel (DDP) and sharded (FSDP) training through Hugging Face accelerate's launcher.
+
+    ``engine.config.build.to_accelerate_config`` turns it into accelerate's config file and the
+    launch command of each machine; the worker then runs once per process.
+    """
+
+    strategy: str = spec("none", "none (one process), ddp (every GPU holds the whole model and a copy of the "
+                         "optimizer state; gradients are averaged) or fsdp (weights, gradients and optimizer state "
+                         "sharded across GPUs). Without GPUs the processes run on the CPU over gloo.",
+                         "Multi-GPU strategy", choices_from=STRATEGIES)
+    num_processes: int = spec(1, "Processes on each machine, one per GPU.", "Processes per machine",
+                              rule="must be a positive integer", ge=1, le=1024)
+    gpu_ids: str = spec("all", "Which GPUs of this machine to use: all, or NVML indices such as 0,1 (one per "
+                        "process).", "GPU ids", rule="must be 'all' or GPU indices such as 0,1")
+    num_machines: int = spec(1, "Machines taking part; above 1, run the launch command written for each machine "
+                             "(run directory, accelerate/) on that machine.", "Machines",
+                             rule="must be a positive integer", ge=1, le=4096)
+    main_process_ip: str | None = spec(None, "Address of machine 0, reachable from every machine (multi-machine "
+                                       "runs only).", "Main machine address", kind="str", optional=True)
+    main_process_port: int = spec(0, "Port machine 0 listens on; 0 picks a free port (one machine only).",
+                                  "Main port", rule="must be an integer from 0 to 65535", ge=0, le=65535)
+    fsdp_sharding_strategy: str = spec("FULL_SHARD", "FSDP: what is sharded. FULL_SHARD (weights, gradients, "
+                                       "optimizer state), SHARD_GRAD_OP (gradients and optimizer state), "
+                                       "HYBRID_SHARD (full within a machine, replicated across machines) or "
+                                       "NO_SHARD (DDP-like).", "FSDP sharding", choices_from=FSDP_SHARDING)
+    fsdp_auto_wrap_policy: str = spec("TRANSFORMER_BASED_WRAP", "FSDP: which modules become shards. "
+                                      "TRANSFORMER_BASED_WRAP wraps each decoder layer (the model's "
+                                      "_no_split_modules), SIZE_BASED_WRAP by parameter count, NO_WRAP the whole "
+                                      "model as one unit.", "FSDP auto-wrap", choices_from=FSDP_WRAP)
+    fsdp_offload_params: bool = spec(False, "FSDP: keep parameters and optimizer state in CPU memory between uses "
+                                     "(less GPU memory, slower steps).", "FSDP CPU offload")
+    fsdp_cpu_ram_efficient_loading: bool = spec(True, "FSDP: only rank 0 reads the weights and broadcasts them, so "
+                                                "the machine's RAM holds one copy, not one per process.",
+                                                "FSDP RAM-efficient loading")
+
+    @property
+    def world_size(self) -> int:
+        """Processes in all (every machine's)."""
+        return self.num_processes * self.num_machines if _is_int(self.num_processes) and \
+            _is_int(self.num_machines) else 1
+
+    def gpu_id_list(self) -> list[int] | None:
+        """The chosen GPU indices, None for all (or when the text is not a list of indices)."""
+        text = str(self.gpu_ids or "all").strip()
+        if text == "all":
+            return None
+        try:
+            return [int(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            return None
+
+
 SECTIONS = {"model": ModelSection, "data": DataSection, "lora": LoraSection, "quant": QuantSection,
-            "train": TrainSection, "eval": EvalSection}
+            "train": TrainSection, "eval": EvalSection, "distributed": DistributedSection}
 
 
 @dataclass
@@ -338,6 +400,7 @@ class RunConfig:
     quant: QuantSection = field(default_factory=QuantSection)
     train: TrainSection = field(default_factory=TrainSection)
     eval: EvalSection = field(default_factory=EvalSection)
+    distributed: DistributedSection = field(default_factory=DistributedSection)
 
     # ------------------------------------------------------------------ derived
     @property
@@ -514,9 +577,79 @@ class RunConfig:
         check(not (train.early_stopping_metric == "task_score" and self.eval.metric == "none"),
               "train.early_stopping_metric", "task_score needs a task metric: set eval.metric (e.g. json_equal) "
               "or watch eval_loss.")
+        found += self._distributed_errors()
         if self.name is not None:
             problem = name_problem(self.name)
             check(problem is None, "name", f"{problem}, got {self.name!r}.")
+        return found
+
+    def _distributed_errors(self) -> list[ConfigError]:
+        """What accelerate could not run: refused here, before any process starts, each in one sentence."""
+        dist, quant = self.distributed, self.quant
+        found = []
+
+        def check(ok: bool, name: str, message: str):
+            if not ok:
+                found.append(ConfigError(name, message))
+
+        if not all(_is_int(v) for v in (dist.num_processes, dist.num_machines, dist.main_process_port)):
+            return found  # the field rules already named it
+        text = str(dist.gpu_ids or "").strip()
+        ids = dist.gpu_id_list()
+        check(text == "all" or (ids is not None and ids and all(i >= 0 for i in ids) and len(set(ids)) == len(ids)),
+              "distributed.gpu_ids", f"must be 'all' or distinct GPU indices separated by commas (e.g. 0,1), got "
+                                     f"{dist.gpu_ids!r}.")
+        if dist.strategy == "none":
+            check(dist.world_size == 1, "distributed.strategy",
+                  f"{dist.world_size} processes need a strategy: ddp (replicated model) or fsdp (sharded), or set "
+                  "distributed.num_processes and distributed.num_machines to 1.")
+            return found
+        check(dist.world_size >= 2, "distributed.num_processes",
+              f"{dist.strategy} needs at least 2 processes in all (num_processes × num_machines), got "
+              f"{dist.num_processes} × {dist.num_machines}; or set distributed.strategy to none.")
+        if ids is not None and ids:
+            check(len(ids) == dist.num_processes, "distributed.gpu_ids",
+                  f"names {len(ids)} GPU{'s' if len(ids) != 1 else ''} ({dist.gpu_ids}) for "
+                  f"{dist.num_processes} processes: give one GPU per process.")
+        from engine.config.gpus import visible_gpus  # NVML, read once: a machine check like bitsandbytes' above
+
+        gpus = visible_gpus()
+        if gpus:  # a GPU machine: one process per GPU (without GPUs, the processes share the CPU over gloo)
+            seen = ", ".join(f"{i}: {name}" for i, name in enumerate(gpus))
+            check(dist.num_processes <= len(gpus), "distributed.num_processes",
+                  f"{dist.num_processes} processes need {dist.num_processes} GPUs, but NVML sees {len(gpus)} on "
+                  f"this machine ({seen}).")
+            check(not ids or max(ids) < len(gpus), "distributed.gpu_ids",
+                  f"{dist.gpu_ids} names a GPU this machine does not have; NVML sees {seen}.")
+        else:
+            # accelerate 1.15 turns FSDP on only for GPU-like process types: CPU processes (MULTI_CPU) would train
+            # as plain data parallel, silently (tried: same losses as DDP, unsharded checkpoints), and with
+            # RAM-efficient loading its FSDP plugin refuses a machine without an accelerator.
+            check(dist.strategy != "fsdp", "distributed.strategy",
+                  "FSDP needs GPUs (accelerate shards only across GPU processes; on the CPU it would silently run "
+                  "as DDP) and NVML sees none here: use ddp to try a multi-process run on the CPU, or run this "
+                  "config on a GPU machine.")
+        if dist.num_machines > 1:
+            check(bool(dist.main_process_ip), "distributed.main_process_ip",
+                  f"{dist.num_machines} machines need the address of machine 0 that every machine can reach.")
+            check(dist.main_process_port != 0, "distributed.main_process_port",
+                  "machines must agree on the port of machine 0: 0 (a free port) works on one machine only; "
+                  "29500 is accelerate's usual choice.")
+        if dist.strategy == "fsdp":
+            check(not quant.load_in_8bit, "distributed.strategy",
+                  "FSDP cannot shard 8-bit bitsandbytes weights (int8 with separate scales): use ddp, or QLoRA "
+                  "(4 bit) with quant.bnb_4bit_quant_storage set to the compute dtype.")
+            check(not quant.load_in_4bit or quant.bnb_4bit_quant_storage == quant.bnb_4bit_compute_dtype,
+                  "quant.bnb_4bit_quant_storage",
+                  f"QLoRA with FSDP needs the 4-bit weights stored in the compute dtype so FSDP can flatten them "
+                  f"with the other weights: set it to {quant.bnb_4bit_compute_dtype}, got "
+                  f"{quant.bnb_4bit_quant_storage!r}.")
+        check(self.eval.metric == "none", "eval.metric",
+              f"task metrics generate answers in one process, and a {dist.strategy} run has several: set "
+              "eval.metric to none (eval loss is still measured on every process), or distributed.strategy to "
+              "none.")
+        check(not self.train.memory_probe, "train.memory_probe",
+              "a measurement run measures one process: set distributed.strategy to none.")
         return found
 
     def validate(self) -> RunConfig:

@@ -49,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--packing", action="store_true",
                         help="bfd packing (TRL's default strategy): padding-free rows of --seq-len tokens")
     parser.add_argument("--liger", action="store_true", help="Liger kernels (RMSNorm, SwiGLU; fused loss with full_logits)")
+    parser.add_argument("--strategy", default=None, choices=("none", "ddp", "fsdp"),
+                        help="several GPUs: ddp (replicated) or fsdp (sharded); the estimate is then per GPU")
+    parser.add_argument("--processes", type=int, default=None, help="GPUs (processes) in all, with --strategy")
+    parser.add_argument("--fsdp-sharding", default=None,
+                        choices=("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
+    parser.add_argument("--fsdp-offload", action="store_true", help="FSDP keeps parameters and optimizer states "
+                        "in CPU memory")
     parser.add_argument("--gpu", default=None, help=f"also report the largest batch and length that fit: {', '.join(GPUS)}")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return parser
@@ -82,6 +89,10 @@ def settings_from_args(args: argparse.Namespace, defaults: MemorySettings | None
         padded=(args.padded or d.padded) and not (args.padding_free or args.packing),
         padding_free=args.padding_free or args.packing or d.padding_free,
         liger=args.liger or d.liger,
+        strategy=given(args.strategy, d.strategy),
+        processes=given(args.processes, d.processes),
+        fsdp_sharding=given(args.fsdp_sharding, d.fsdp_sharding),
+        fsdp_offload=args.fsdp_offload or d.fsdp_offload,
     )
 
 

@@ -117,6 +117,13 @@ class MemorySettings:
     liger: bool = False  # Liger kernels (RMSNorm, SwiGLU; with full_logits its fused linear cross-entropy)
     grad_accum: int = 1  # gradient accumulation steps (>1 keeps gradients alive across micro-batches)
     device: str = "cuda"  # cuda | cpu (only used by the CPU proofs)
+    # Several GPUs (distributed.*): the estimate is per GPU. ddp replicates everything; fsdp divides the
+    # weights, gradients and optimizer states over ``shards`` GPUs and gathers one block at a time.
+    strategy: str = "none"  # none | ddp | fsdp
+    processes: int = 1  # processes in all, one per GPU
+    fsdp_sharding: str = "FULL_SHARD"  # FULL_SHARD | SHARD_GRAD_OP | HYBRID_SHARD | NO_SHARD
+    shards: int = 0  # GPUs a shard group spans (HYBRID_SHARD: one machine's); 0 means all processes
+    fsdp_offload: bool = False  # parameters and optimizer states kept in CPU memory between uses
 
     def normalized(self) -> MemorySettings:
         """A copy with names canonicalised and ranges checked (raises ConfigError)."""
@@ -144,6 +151,10 @@ class MemorySettings:
             raise ConfigError("rank", f"must be a whole number of at least 1, got {self.rank!r}.")
         if not 0.0 <= float(self.lora_dropout) < 1.0:
             raise ConfigError("lora_dropout", f"must be in [0, 1), got {self.lora_dropout!r}.")
+        if self.strategy not in ("none", "ddp", "fsdp"):
+            raise ConfigError("strategy", f"'{self.strategy}' is not none, ddp or fsdp.")
+        if not isinstance(self.processes, int) or self.processes < 1:
+            raise ConfigError("processes", f"must be a whole number of at least 1, got {self.processes!r}.")
         return replace(self, method=method, optimizer=optimizer, compute_dtype=compute)
 
     def as_model_sees_it(self) -> MemorySettings:
@@ -519,10 +530,16 @@ def estimate(arch: ModelArch, settings: MemorySettings) -> MemoryEstimate:
     terms.update(candidates[peak_phase])
     terms["optimizer_states_paged"] = opt_paged
     assert sum(terms[name] for name in MemoryEstimate.ALLOCATED_TERMS) == peak, (terms, peak)
+    if s.strategy != "none" and s.processes > 1:
+        per_gpu = per_gpu_terms(arch, s, p, terms, gradients, notes)
+        phases = {name: value + per_gpu - peak for name, value in phases.items()}
+        peak = per_gpu
+        opt_paged = terms["optimizer_states_paged"]
 
     # Reserved minus allocated: the caching allocator keeps freed blocks; short-lived
     # tensors of changing sizes fragment it more than the long-lived weights do.
-    dynamic = peak - (quantized + constants + unquantized + adapters + opt_allocated)
+    dynamic = peak - sum(terms[name] for name in ("quantized_weights", "quantization_constants", "weights_16_32bit",
+                                                 "adapter_weights", "optimizer_states"))
     allocator_overhead = int(0.08 * dynamic + 0.01 * (peak - dynamic)) + 64 * MiB if s.device == "cuda" else 0
     context = CUDA_CONTEXT_BYTES if s.device == "cuda" else 0
     order = list(MemoryEstimate.ALLOCATED_TERMS)
@@ -552,6 +569,49 @@ def estimate(arch: ModelArch, settings: MemorySettings) -> MemoryEstimate:
         activation_breakdown=ledger,
         notes=notes,
     )
+
+
+def per_gpu_terms(arch: ModelArch, s: MemorySettings, p: Precision, terms: dict[str, int], gradients: int,
+                  notes: list[str]) -> int:
+    """One GPU's share of a multi-GPU step (``terms`` changed in place); returns the new peak allocated.
+
+    DDP: every GPU holds the whole model, its gradients and optimizer states (replicated), plus
+    the reducer's buckets, a flat copy of every trainable gradient that lives for the whole run
+    (PyTorch's default ``gradient_as_bucket_view=False``). FSDP (FULL_SHARD): each GPU keeps
+    1/shards of the weights, gradients and optimizer states, and gathers whole units while it
+    computes them: the root unit (embeddings and LM head, not resharded after forward in FSDP1)
+    and two decoder blocks (the one computing and the one prefetched). SHARD_GRAD_OP keeps every
+    gathered weight from forward to backward; NO_SHARD is DDP; CPU offload moves the shards and
+    optimizer states to CPU memory. Activations are per process already (the per-device batch).
+    A model of the layout, not a measurement: a GPU machine must check it (bench/memory).
+    """
+    before = sum(terms[name] for name in MemoryEstimate.ALLOCATED_TERMS)
+    weights = ("quantized_weights", "quantization_constants", "weights_16_32bit", "adapter_weights")
+    if s.strategy == "ddp" or s.fsdp_sharding == "NO_SHARD":
+        terms["gradients"] += gradients  # the reducer's buckets, alive from wrapping to the end
+        notes.append(f"Per GPU, {s.processes} processes ({s.strategy}{'' if s.strategy == 'ddp' else ' NO_SHARD'}): "
+                     "every GPU holds the whole model, gradients and optimizer states, plus DDP's gradient buckets.")
+        return before + gradients
+    shards = min(s.shards or s.processes, s.processes)
+    total_weights = sum(terms[name] for name in weights)
+    root = arch.embedding_params * p.weights * (1 if arch.tie_word_embeddings else 2)
+    root = min(root, total_weights)
+    block = (total_weights - root) // max(arch.num_layers, 1)
+    gathered = root + 2 * block
+    if s.fsdp_sharding == "SHARD_GRAD_OP":
+        gathered = total_weights  # gathered in forward, kept until backward is done
+    keep = 0 if s.fsdp_offload else 1
+    for name in weights:
+        terms[name] = keep * -(-terms[name] // shards)
+    terms["gradients"] = keep * -(-terms["gradients"] // shards) + (0 if keep else block)
+    terms["optimizer_states"] = keep * -(-terms["optimizer_states"] // shards)
+    terms["optimizer_states_paged"] = keep * -(-terms["optimizer_states_paged"] // shards)
+    terms["transient_buffers"] += gathered
+    where = "in CPU memory (offload)" if s.fsdp_offload else f"1/{shards} on each GPU"
+    notes.append(f"Per GPU, {s.processes} processes (fsdp {s.fsdp_sharding}): weights, gradients and optimizer "
+                 f"states {where}; the units being computed are gathered whole ({gathered / GiB:.2f} GiB, counted "
+                 "in transient buffers).")
+    return sum(terms[name] for name in MemoryEstimate.ALLOCATED_TERMS)
 
 
 def _partial_grads(s: MemorySettings, arch: ModelArch, p: Precision) -> int:
@@ -783,8 +843,19 @@ def settings_from_run_config(config) -> tuple[str, MemorySettings]:
         padding_free=is_padding_free(config),
         liger=bool(train.use_liger_kernel),
         grad_accum=int(train.gradient_accumulation_steps),
+        **distributed_settings(config),
     )
     return model.name_or_path, settings
+
+
+def distributed_settings(config) -> dict:
+    """The memory settings of a run's ``distributed`` section (per-GPU estimate)."""
+    dist = config.distributed
+    if dist.strategy == "none":
+        return {}
+    shards = dist.num_processes if dist.fsdp_sharding_strategy == "HYBRID_SHARD" else dist.world_size
+    return {"strategy": dist.strategy, "processes": dist.world_size, "fsdp_sharding": dist.fsdp_sharding_strategy,
+            "shards": shards, "fsdp_offload": bool(dist.fsdp_offload_params)}
 
 
 def estimate_for_run_config(config) -> MemoryEstimate:
@@ -798,9 +869,20 @@ def format_bytes(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def per_gpu_label(settings: dict) -> str:
+    """' per GPU (4 processes, fsdp FULL_SHARD)' for a multi-GPU estimate, else ''."""
+    if settings.get("strategy", "none") == "none" or settings.get("processes", 1) <= 1:
+        return ""
+    fsdp = settings["strategy"] == "fsdp"
+    how = settings["strategy"] + (f" {settings.get('fsdp_sharding')}" if fsdp else "")
+    offload = ", CPU offload" if fsdp and settings.get("fsdp_offload") else ""
+    return f" per GPU ({settings['processes']} processes, {how}{offload})"
+
+
 def format_table(est: MemoryEstimate) -> str:
     lines = [
-        f"{est.model}: {METHOD_LABELS[est.settings['method']]}, batch {est.settings['batch_size']} x "
+        f"{est.model}: {METHOD_LABELS[est.settings['method']]}{per_gpu_label(est.settings)}, batch "
+        f"{est.settings['batch_size']} x "
         f"{est.settings['seq_len']} tokens{' (padding-free)' if est.settings.get('padding_free') else ''}, "
         f"checkpointing {'on' if est.settings['gradient_checkpointing'] else 'off'}, {est.settings['optimizer']}"
         f"{', Liger kernels' if est.settings.get('liger') else ''}",

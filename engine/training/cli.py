@@ -115,6 +115,12 @@ def train_main(argv: list[str]) -> int:
     from engine.config.build import boosters_line
 
     print(boosters_line(config))  # what the config asks for; fallbacks follow as notes
+    if config.distributed.strategy != "none":  # the Train form's Multi-GPU line, and where the commands are
+        from engine.config.gpus import gpus_line
+
+        print(gpus_line())
+        print(f"{config.distributed.strategy}: {config.distributed.world_size} processes through accelerate; its "
+              f"config and each machine's launch command: {run_dir / 'accelerate'}")
     _say_busy_devices()
     if args.detach:
         return 0
@@ -206,6 +212,9 @@ def show_main(argv: list[str]) -> int:
 
     for item in read_destinations(run_dir):
         print(f"--- {item.get('label')}: {item.get('where')}\n    open: {item.get('open')}")
+    for script in sorted((run_dir / "accelerate").glob("launch_machine_*.sh")):  # a multi-GPU run's machines
+        command = script.read_text(encoding="utf-8").strip().splitlines()[-1]
+        print(f"--- {script.stem.replace('_', ' ')} ({script}):\n    {command}")
     print("--- train.log (tail)")
     print(rundir.log_tail(run_dir, args.log_lines))
     return 0

@@ -32,6 +32,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 from engine.errors import RunError
 from engine.training import rundir
 from engine.training.rundir import RunPaths, update_launch
@@ -42,7 +44,20 @@ FORCE_STOP_AFTER_S = 120.0  # a graceful stop that has not finished by then is f
 
 
 def worker_command(run_dir: Path, resume: bool) -> list[str]:
-    return [sys.executable, "-m", "engine.training.worker", str(run_dir)] + (["--resume"] if resume else [])
+    """The one process the manager starts: the worker, or for a ddp/fsdp run the launcher of its ranks."""
+    module = "engine.training.launch" if is_multi_process(run_dir) else "engine.training.worker"
+    return [sys.executable, "-m", module, str(run_dir)] + (["--resume"] if resume else [])
+
+
+def is_multi_process(run_dir: Path) -> bool:
+    """Whether the run's config asks for several processes (a config that cannot be read: the worker says why)."""
+    from engine.config import RunConfig
+    from engine.errors import ConfigError
+
+    try:
+        return RunConfig.from_yaml(RunPaths(run_dir).config).distributed.strategy != "none"
+    except ConfigError:
+        return False
 
 
 def spawn_worker(run_dir: Path, resume: bool = False) -> subprocess.Popen:
@@ -152,6 +167,12 @@ def kill_worker(run_dir: Path, pid: int, reason: str, process: subprocess.Popen 
 
     Nothing is recorded if the worker reached a final state by itself just before.
     """
+    # A multi-GPU run's ranks are the launcher's children in sessions of their own (torchrun starts them
+    # so): listed before the kill, killed right after the launcher (first, so it records no rank's death).
+    try:
+        children = psutil.Process(pid).children(recursive=True)
+    except psutil.Error:
+        children = []
     try:
         try:
             os.killpg(pid, signal.SIGKILL)  # its own session (spawn_worker): the children go too
@@ -162,6 +183,11 @@ def kill_worker(run_dir: Path, pid: int, reason: str, process: subprocess.Popen 
     except PermissionError:
         raise RunError(f"Not allowed to stop the worker of run '{Path(run_dir).name}' (pid {pid}): it belongs to "
                        "another user.") from None
+    for child in children:
+        try:
+            child.kill()
+        except psutil.Error:
+            pass  # gone already, or not ours
     if process is not None:
         process.wait(timeout=wait_s)
     else:

@@ -46,7 +46,7 @@ def callback():
     class CrashConsistency(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
             folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-            if folder.is_dir():
+            if folder.is_dir() and state.is_world_process_zero:  # rank 0 writes the run folder (multi-GPU)
                 rundir.mark_checkpoint_complete(folder)
             return control
 

@@ -345,7 +345,9 @@ def pid_is_worker_of(run_dir: Path, pid: int | None) -> bool:
         cmdline = " ".join(process.cmdline())
     except (psutil.NoSuchProcess, psutil.AccessDenied):
         return False
-    return "engine.training.worker" in cmdline and Path(run_dir).name in cmdline
+    # The worker itself, or the launcher of a multi-GPU run (engine.training.launch), which leads its ranks.
+    return ("engine.training.worker" in cmdline or "engine.training.launch" in cmdline) and \
+        Path(run_dir).name in cmdline
 
 
 def worker_alive(run_dir: Path, pid: int | None = None) -> bool:
@@ -364,7 +366,7 @@ def live_worker_pid(run_dir: Path, recorded_pid: int | None = None) -> int | Non
     return recorded_pid if pid_is_worker_of(run_dir, recorded_pid) else None
 
 
-def take_worker_lock(run_dir: Path, wait_s: float = 5.0):
+def take_worker_lock(run_dir: Path, wait_s: float = 5.0, pid: int | None = None):
     """The worker's lock on its run, held for as long as the returned file stays open (the process's life).
 
     Readers take the lock shared for an instant to probe it, so a busy probe is retried for
@@ -388,7 +390,8 @@ def take_worker_lock(run_dir: Path, wait_s: float = 5.0):
     try:
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "since": time.time()}))
+        # ``pid``: the process to signal when it is not this one (a multi-GPU run's launcher).
+        handle.write(json.dumps({"pid": pid or os.getpid(), "since": time.time()}))
         handle.flush()
     except OSError:
         pass  # the lock is what matters; its note is a courtesy (a full disk must not stop the worker here)
@@ -430,6 +433,7 @@ class RunStatus:
     task_score: float | None = None
     baseline_task_score: float | None = None
     kept_step: int | None = None  # early stopping: the step whose checkpoint became the adapter
+    processes: int | None = None  # a multi-GPU run's processes in all (tokens and batches count all of them)
     # launch facts (the launcher's)
     created_at: float | None = None
     worker_started_at: float | None = None
@@ -467,7 +471,7 @@ SHARED_FIELDS = ("state", "message", "error", "pid")
 WORKER_FIELDS = SHARED_FIELDS + ("step", "max_steps", "eta_s", "fallbacks", "baseline_eval_loss",
                                  "trainable_parameters", "total_parameters", "linear4bit_layers",
                                  "train_runtime_s", "tokens_seen", "task_metric", "task_score",
-                                 "baseline_task_score", "kept_step")
+                                 "baseline_task_score", "kept_step", "processes")
 LAUNCHER_FIELDS = SHARED_FIELDS + ("created_at", "worker_started_at", "queue_position", "sweep")
 _BOOKKEEPING = ("history", "seq", "state_seq", "updated_at", "started_at", "ended_at")
 
@@ -501,6 +505,7 @@ _FIELD_RULES = {
     "train_runtime_s": (_is_number, "a number"),
     "tokens_seen": (_is_int, "a whole number"),
     "kept_step": (lambda v: _is_int(v) and v >= 0, "a whole number"),
+    "processes": (lambda v: _is_int(v) and v >= 1, "a positive whole number"),
     "sweep": (lambda v: isinstance(v, str), "text"),
     "created_at": (_is_number, "a time"),
     "worker_started_at": (_is_number, "a time"),
@@ -734,6 +739,7 @@ def create_run(runs_dir: Path, config, name: str | None = None) -> Path:
                 candidate = f"{base}-{counter}"
         config.name = candidate
         write_text_atomic(RunPaths(run_dir).config, config.to_yaml())
+        write_launch_files(run_dir, config)
         ensure_reserve(run_dir)
         update_launch(run_dir, "queued", created_at=time.time(), message="Waiting to start.")
     except OSError as error:
@@ -744,6 +750,16 @@ def create_run(runs_dir: Path, config, name: str | None = None) -> Path:
                            " Free some space there (old runs, exports) and start it again.") from None
         raise RunError(f"The run was not created: {runs_dir} cannot be written ({_reason(error)}).") from None
     return run_dir
+
+
+def write_launch_files(run_dir: Path, config) -> list[Path]:
+    """A multi-GPU run's accelerate config and each machine's launch command, in ``accelerate/`` (none otherwise)."""
+    if config.distributed.strategy == "none":
+        return []
+    from engine import PROJECT_ROOT
+    from engine.config.build import write_accelerate_files
+
+    return write_accelerate_files(config, run_dir, PROJECT_ROOT)
 
 
 def resolve_run(runs_dir: Path, name_or_path: str, allow_path: bool = False) -> Path:
@@ -951,11 +967,17 @@ def load_config(run_dir: Path):
     return RunConfig.from_yaml(RunPaths(Path(run_dir)).config)
 
 
-def peak_memory(samples: list[dict]) -> tuple[int | None, str | None]:
-    """Largest memory used by the training process (NVML per-process, else device used, else RSS)."""
+def peak_memory(samples: list[dict], per_gpu: bool = False) -> tuple[int | None, str | None]:
+    """Largest memory used by the training process (NVML per-process, else device used, else RSS).
+
+    ``per_gpu``: a multi-GPU run's largest share of any one GPU (what the per-GPU prediction is), when
+    NVML gave per-device shares; else as above."""
     peak, source = None, None
     for sample in samples:
         value = sample.get("process_bytes")
+        if per_gpu:
+            shares = [d.get("process_bytes") for d in sample.get("devices") or [] if isinstance(d, dict)]
+            value = max((v for v in shares if _is_number(v)), default=value)
         if not _is_number(value) and sample.get("devices"):
             used = [d.get("used_bytes") for d in sample["devices"] if isinstance(d, dict)]
             value = max((u for u in used if _is_number(u)), default=None)

@@ -34,7 +34,7 @@ from engine.config.build import (
 from engine.errors import LoraLabError
 from engine.hub import resolve_model
 from engine.training import devices, recovery, rundir, trackers
-from engine.training.rundir import RunPaths, add_fallback, update_status
+from engine.training.rundir import RunPaths
 from engine.training.sampler import GpuSampler
 from engine.training.task_eval import make_task_eval_callback, plan_task_eval
 
@@ -44,9 +44,39 @@ EXIT_DUPLICATE = 4  # another live worker already owns this run: this one wrote 
 SAMPLE_INTERVAL_S = 1.0  # memory samples per second into gpu.jsonl (what the Memory chart draws)
 
 
-def log(message: str) -> None:
-    """The worker's stdout is the run's train.log (the job manager redirects it to the file)."""
-    print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
+# ----------------------------------------------------------------------------- one writer per run
+# A multi-GPU run starts this module once per process (accelerate's launcher sets RANK); rank 0 alone
+# writes the run directory (status, metrics, memory samples, lineage, checkpoints' marks, the adapter's
+# tokenizer), the other ranks train and stay silent unless they fail.
+RANK = int(os.environ.get("RANK", "0"))
+WORLD_SIZE = int(os.environ.get("WORLD_SIZE", "1"))
+IS_MAIN = RANK == 0
+
+
+def run_pid() -> int:
+    """The pid that stands for the run: the multi-GPU launcher (whose process tree holds every rank), else this."""
+    launcher = os.environ.get("LORALAB_LAUNCHER_PID", "")
+    return int(launcher) if launcher.isdigit() and WORLD_SIZE > 1 else os.getpid()
+
+
+def update_status(run_dir: Path, state: str | None = None, **values) -> None:
+    """``rundir.update_status`` on rank 0; the other ranks of a multi-GPU run write nothing."""
+    if IS_MAIN:
+        rundir.update_status(run_dir, state, **values)
+
+
+def add_fallback(run_dir: Path, sentence: str) -> None:
+    if IS_MAIN:
+        rundir.add_fallback(run_dir, sentence)
+
+
+def log(message: str, every_rank: bool = False) -> None:
+    """The worker's stdout is the run's train.log (the job manager redirects it to the file).
+
+    The ranks of a multi-GPU run share it: rank 0 speaks, the others only when ``every_rank``."""
+    if IS_MAIN or every_rank:
+        who = f"[rank {RANK}] " if WORLD_SIZE > 1 else ""
+        print(f"[{time.strftime('%H:%M:%S')}] {who}{message}", flush=True)
 
 
 # ----------------------------------------------------------------------------- environment decisions
@@ -160,13 +190,14 @@ def make_callback(run_dir: Path):
             self.first_step = None
             self.stop_requested = False
             self.evaluating = False  # in memory: a status read per eval batch was a file read per batch
+            self.accelerator = None  # the trainer's, set once it exists (multi-GPU stop agreement)
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.started = time.time()
             self.first_step = state.global_step
             self.last_time, self.last_tokens = time.time(), state.num_input_tokens_seen
             update_status(run_dir, "training", step=state.global_step, max_steps=state.max_steps,
-                          message="Training.", pid=os.getpid())
+                          message="Training.", pid=run_pid())
 
         def _eta(self, state) -> float | None:
             done = state.global_step - (self.first_step or 0)
@@ -194,14 +225,27 @@ def make_callback(run_dir: Path):
                 self.last_time, self.last_tokens = now, tokens
             else:
                 return  # the end-of-training summary; status.json carries it
+            if not state.is_world_process_zero:
+                return  # rank 0 writes the metrics (tokens are summed over every rank by transformers)
             record.update(_torch_memory())
+            if args.world_size > 1:
+                record["processes"] = args.world_size
             rundir.append_jsonl(paths.metrics, record)
             if is_eval and state.global_step == 0:
                 update_status(run_dir, baseline_eval_loss=record["eval_loss"])
             update_status(run_dir, step=state.global_step, max_steps=state.max_steps, eta_s=record["eta_s"])
 
         def on_step_end(self, args, state, control, **kwargs):
-            if paths.stop_request.exists() and not self.stop_requested:
+            if self.stop_requested:
+                return control
+            asked = paths.stop_request.exists()
+            if args.world_size > 1 and self.accelerator is not None:
+                # Every rank must stop after the same step (a rank that went on would wait forever for the
+                # others' gradients): accelerate's trigger sums the flag over the ranks, one tiny all-reduce.
+                if asked:
+                    self.accelerator.set_trigger()
+                asked = self.accelerator.check_trigger()
+            if asked:
                 self.stop_requested = True
                 log(f"stop requested: finishing step {state.global_step}, then saving")
                 update_status(run_dir, "saving", message="Stop requested: saving the adapter and a checkpoint.")
@@ -242,7 +286,8 @@ def write_lineage(paths: RunPaths, config: RunConfig, model_path: str, data_line
     lineage = {"base_model": model_lineage(config.model.name_or_path, model_path, config.model.revision),
                "data": data_lineage, "software": software_lineage(), "method": config.method,
                "written_at": time.time()}
-    rundir.write_json_atomic(paths.lineage, lineage)
+    if IS_MAIN:
+        rundir.write_json_atomic(paths.lineage, lineage)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -250,11 +295,12 @@ _RUN_DIR: Path | None = None
 
 
 def run_training(run_dir: Path, resume: bool = False) -> str:
-    """Train; returns the final state ("completed" or "stopped"). Raises on failure."""
+    """Train; returns the final state ("completed" or "stopped"; "not started" when stopped while waiting for
+    the device). Raises on failure."""
     global _RUN_DIR
     _RUN_DIR = run_dir
     paths = RunPaths(run_dir)
-    update_status(run_dir, "loading", message="Loading the configuration.", pid=os.getpid(), error=None)
+    update_status(run_dir, "loading", message="Loading the configuration.", pid=run_pid(), error=None)
     config = RunConfig.from_yaml(paths.config).validate()
     log(f"run {run_dir.name}: method {config.method}, base {config.model.name_or_path}")
 
@@ -265,11 +311,14 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
     runtime = decide_runtime(config)
     record_runtime(run_dir, runtime)
     log(boosters_line(config))
-    if not take_device(run_dir, runtime):
+    if IS_MAIN and not take_device(run_dir, runtime):  # rank 0 holds the device lock for the whole run
         update_status(run_dir, "stopped", message="Stopped while waiting for the device; nothing was trained.")
         paths.stop_request.unlink(missing_ok=True)
-        return "stopped"
-    trackers.prepare(run_dir, runtime, say=lambda sentence: record_fallback(run_dir, sentence))
+        return "not started"
+    if IS_MAIN:  # transformers reports from rank 0 only; the other ranks leave the trackers alone
+        trackers.prepare(run_dir, runtime, say=lambda sentence: record_fallback(run_dir, sentence))
+    else:
+        runtime.report_to = []
     update_status(run_dir, message="Finding the base model.")
     model_path = resolve_model(config.model.name_or_path, what="base model", log=log)
     update_status(run_dir, message="Reading and tokenizing the dataset.")
@@ -321,6 +370,11 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
                          processing_class=tokenizer, peft_config=to_lora_config(config),
                          callbacks=callbacks + [recovery.callback()] + ([probe] if probe else []),
                          data_collator=to_data_collator(config, runtime, tokenizer))
+    callback.accelerator = trainer.accelerator
+    if WORLD_SIZE > 1:
+        log(f"{config.distributed.strategy}: {WORLD_SIZE} processes ({trainer.accelerator.distributed_type}); "
+            f"effective batch {effective_batch(config)} rows per optimizer step")
+        update_status(run_dir, processes=WORLD_SIZE)
     trackers.guard(trainer, say=lambda sentence: record_fallback(run_dir, sentence))
     if hasattr(trainer.model, "get_nb_trainable_parameters"):  # a PeftModel
         trainable, total = trainer.model.get_nb_trainable_parameters()
@@ -348,11 +402,12 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
         trainer.evaluate()  # the final eval loss, unless the last step just had one
     update_status(run_dir, "saving", message="Saving the adapter.")
     trainer.save_model(str(paths.adapter))
-    tokenizer.save_pretrained(str(paths.adapter))
+    if IS_MAIN:
+        tokenizer.save_pretrained(str(paths.adapter))
     if stopped:
-        trainer.save_state()
-        if paths.stop_request.exists():
-            paths.stop_request.unlink()
+        trainer.save_state()  # transformers writes it on rank 0 only
+        if IS_MAIN:
+            paths.stop_request.unlink(missing_ok=True)
     final = "stopped" if stopped else "completed"
     message = ("Stopped on request; adapter and checkpoint saved. Resume continues from step "
                f"{trainer.state.global_step}.") if stopped else "Completed; adapter saved."
@@ -363,6 +418,12 @@ def run_training(run_dir: Path, resume: bool = False) -> str:
                   **({"kept_step": kept[0]} if kept is not None else {}))
     log(f"run {final} at step {trainer.state.global_step}")
     return final
+
+
+def effective_batch(config: RunConfig) -> int:
+    """Rows per optimizer step over every process: per-device batch × accumulation × processes."""
+    train = config.train
+    return train.per_device_train_batch_size * train.gradient_accumulation_steps * config.distributed.world_size
 
 
 def kept_checkpoint(config: RunConfig, state) -> tuple[int, str] | None:
@@ -409,27 +470,39 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     # Held from the first instant to the last: readers know the worker is gone when they can take it.
     global _WORKER_LOCK
-    try:
-        _WORKER_LOCK = rundir.take_worker_lock(run_dir)
-    except LoraLabError as error:
-        print(f"[{time.strftime('%H:%M:%S')}] not started: {error}", file=sys.stderr, flush=True)
-        return EXIT_DUPLICATE
-    # The run's memory history, recorded from inside the run however it was started;
-    # stopped before the process ends, so the last sample is a reading, not "process exited".
-    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir, pid=os.getpid(),
-                         on_write_error=recovery.note_write_error)
-    sampler.start()
+    if IS_MAIN:  # rank 0 stands for a multi-GPU run: its lock names the launcher, whose tree holds every rank
+        try:
+            _WORKER_LOCK = rundir.take_worker_lock(run_dir, pid=run_pid())
+        except LoraLabError as error:
+            print(f"[{time.strftime('%H:%M:%S')}] not started: {error}", file=sys.stderr, flush=True)
+            return EXIT_DUPLICATE
+    # The run's memory history, recorded from inside the run however it was started; with several ranks,
+    # rank 0 samples every GPU for the launcher's whole process tree (one trace per GPU in gpu.jsonl).
+    # Stopped before the process ends, so the last sample is a reading, not "process exited".
+    sampler = GpuSampler(interval_s=SAMPLE_INTERVAL_S, history_s=60, run_dir=run_dir if IS_MAIN else None,
+                         pid=run_pid(), on_write_error=recovery.note_write_error)
+    if IS_MAIN:
+        sampler.start()
     try:
         final = run_training(run_dir, resume=args.resume)
-        return 0 if final == "completed" else EXIT_STOPPED
+        # The ranks of a multi-GPU run exit 0 when stopped too: torchrun takes any other code for a failure and
+        # would terminate the ranks still saving; rank 0's status says stopped, and the launcher exits by it.
+        # Stopped before starting, rank 0 exits EXIT_STOPPED precisely so torchrun ends the ranks waiting for it.
+        return 0 if final == "completed" or (final == "stopped" and WORLD_SIZE > 1) else EXIT_STOPPED
     except BaseException as error:  # noqa: BLE001 - the run directory must say why, whatever it was
         sampler.stop()  # no more gpu.jsonl appends while the failure is recorded (the disk may be full)
-        reason = recovery.failure_reason(run_dir, error, _last_step(run_dir), explain_failure)
-        for say in (traceback.print_exc, lambda: log(f"failed: {reason}")):
+        # A full disk is cleaned up once, by rank 0; the other ranks only explain.
+        reason = recovery.failure_reason(run_dir, error, _last_step(run_dir), explain_failure) if IS_MAIN \
+            else explain_failure(error)
+        if WORLD_SIZE > 1:
+            record_rank_failure(reason)
+        for say in (traceback.print_exc, lambda: log(f"failed: {reason}", every_rank=True)):
             try:
                 say()
             except OSError:
                 pass  # train.log may be on the full disk: status.json below is the record that counts
+        if WORLD_SIZE > 1:
+            reason = f"Rank {RANK} of {WORLD_SIZE}: {reason}"
         try:
             update_status(run_dir, "failed", message="Failed.", error=reason)
         except OSError:
@@ -438,6 +511,20 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         sampler.stop()
         release_locks()
+
+
+def record_rank_failure(reason: str) -> None:
+    """Leave this rank's reason where torchrun looks for it (TORCHELASTIC_ERROR_FILE, its plain-message form), so
+    the launcher's sentence about a failed rank says why; rank 0 also records it in status.json."""
+    import json
+
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if not path:
+        return
+    try:
+        Path(path).write_text(json.dumps({"message": reason, "timestamp": int(time.time())}), encoding="utf-8")
+    except OSError:
+        pass  # the launcher then names the rank and its exit code without the reason
 
 
 def release_locks() -> None:
