@@ -53,7 +53,8 @@ def parse_args(argv=None):
     parser.add_argument("--seq-lens", default="512,2048")
     parser.add_argument("--checkpointing", default="on,off", help="on, off or on,off")
     parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per configuration (states appear at the first)")
+    parser.add_argument("--steps", type=int, default=3,
+                        help="optimizer steps per configuration (states appear at the first)")
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--optimizer", default="adamw_torch_fused")
     parser.add_argument("--loss", default="chunked", choices=("chunked", "full_logits"))
@@ -252,7 +253,8 @@ def main(argv=None) -> int:
         settings = MemorySettings(**spec["settings"])
         predicted = estimate(arch, settings)
         s = spec["settings"]
-        prefix = f"{spec['model']:<14} {s['method']:<6} {s['seq_len']:>5} {'on' if s['gradient_checkpointing'] else 'off':<4}"
+        prefix = (f"{spec['model']:<14} {s['method']:<6} {s['seq_len']:>5} "
+                  f"{'on' if s['gradient_checkpointing'] else 'off':<4}")
         if predicted.nvidia_smi_bytes > 0.97 * capacity:
             print(f"{prefix} skipped: predicted {predicted.nvidia_smi_bytes / GiB:.1f} GiB does not fit")
             continue

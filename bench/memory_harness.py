@@ -139,7 +139,8 @@ def make_batch(arch: ModelArch, settings: MemorySettings, device: str = "cpu", s
     if settings.padding_free:
         from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
-        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)([{"input_ids": row} for row in ids.tolist()])
+        batch = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(
+            [{"input_ids": row} for row in ids.tolist()])
         return {key: value.to(device) if hasattr(value, "to") else value for key, value in batch.items()}
     batch = {"input_ids": ids.to(device), "labels": ids.clone().to(device)}
     if settings.padded:
@@ -360,7 +361,8 @@ def _stand_in_classes():
             x_hat = x.float() * rstd.unsqueeze(-1)
             g = dy.float() * weight.float()
             dx = rstd.unsqueeze(-1) * (g - x_hat * (g * x_hat).mean(-1, keepdim=True))
-            dw = (dy.float() * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype) if ctx.needs_input_grad[1] else None
+            dw = ((dy.float() * x_hat).reshape(-1, x.shape[-1]).sum(0).to(weight.dtype)
+                  if ctx.needs_input_grad[1] else None)
             return dx.to(x.dtype), dw, None
 
     class SiLUMul(torch.autograd.Function):

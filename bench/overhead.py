@@ -46,8 +46,8 @@ def run_worker(runs_dir: Path, steps: int) -> float:
     from engine.config import load_preset
     from engine.training import rundir
 
-    config = load_preset("demo-lora", [f"train.max_steps={steps}", "data.eval_path=null", "data.eval_fraction=0", "eval.metric=none",
-                                       f"train.save_steps={steps * 10}"])
+    config = load_preset("demo-lora", [f"train.max_steps={steps}", "data.eval_path=null", "data.eval_fraction=0",
+                                       "eval.metric=none", f"train.save_steps={steps * 10}"])
     run_dir = rundir.create_run(runs_dir, config)
     subprocess.run([sys.executable, "-m", "engine.training.worker", str(run_dir)], cwd=ROOT, check=True,
                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)

@@ -151,7 +151,8 @@ def main() -> None:
                 time.sleep(0.5)
 
             lock = threading.Lock()
-            results = {1: {"latency": [], "tokens": [], "cpu": []}, args.viewers: {"latency": [], "tokens": [], "cpu": []}}
+            results = {1: {"latency": [], "tokens": [], "cpu": []},
+                       args.viewers: {"latency": [], "tokens": [], "cpu": []}}
             dashboard = psutil.Process(app.pid)
             viewers = [Viewer(url, run_dir, [], lock) for _ in range(args.viewers)]
             for viewer in viewers:

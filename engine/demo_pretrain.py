@@ -332,10 +332,12 @@ def cli_main(argv: list[str] | None = None) -> int:
     import argparse
 
     parser = argparse.ArgumentParser(prog="python -m engine demo", description="Check the offline demo model that "
-                                     f"ships in {demo.SHIPPED_MODEL_DIR} against its sha256 manifest and print its folder.")
+                                     f"ships in {demo.SHIPPED_MODEL_DIR} against its sha256 manifest "
+                                     "and print its folder.")
     parser.add_argument("--rebuild-weights", action="store_true", help="pretrain the base again with the recipe in "
                         "engine/demo_pretrain.py (tens of minutes on 2 cores) and write it with a new manifest")
-    parser.add_argument("--into", type=Path, default=demo.SHIPPED_MODEL_DIR, help="folder to write with --rebuild-weights")
+    parser.add_argument("--into", type=Path, default=demo.SHIPPED_MODEL_DIR,
+                        help="folder to write with --rebuild-weights")
     parser.add_argument("--skills", action="store_true", help="also measure the base's skills on held-out sentences")
     args = parser.parse_args(argv)
     if args.rebuild_weights:

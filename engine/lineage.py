@@ -39,12 +39,14 @@ def folder_content_hash(folder: Path) -> dict:
     """One hash over the model's config, tokenizer and weight files, names included."""
     combined = hashlib.sha256()
     complete = True
-    files = sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt"))
+    files = sorted(p for p in Path(folder).iterdir()
+                   if p.is_file() and p.suffix in (".json", ".safetensors", ".bin", ".model", ".jinja", ".txt"))
     for path in files:
         file_hash, whole = file_sha256(path)
         complete &= whole
         combined.update(path.name.encode() + b"\0" + file_hash.encode())
-    return {"content_sha256": combined.hexdigest(), "hashed_files": [p.name for p in files], "hash_covers_whole_files": complete}
+    return {"content_sha256": combined.hexdigest(), "hashed_files": [p.name for p in files],
+            "hash_covers_whole_files": complete}
 
 
 def model_lineage(name: str, resolved: str, revision: str | None) -> dict:

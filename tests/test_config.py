@@ -92,7 +92,8 @@ def test_four_bit_without_bitsandbytes_is_refused(monkeypatch):
     import importlib.util
 
     real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "bitsandbytes" else real(name, *a))
     errors = load_preset("demo-qlora").errors()
     assert any(e.field == "quant.load_in_4bit" and "bitsandbytes" in str(e) for e in errors)
 

@@ -41,8 +41,8 @@ from tests.test_app_e2e import form_values, free_port
 pytestmark = pytest.mark.slow
 
 # A few quick steps: no evaluation, batch 2, a metrics line and a checkpoint every step or two.
-FAST = ["data.eval_path=", "data.eval_fraction=0", "eval.metric=none", "train.per_device_train_batch_size=2", "train.logging_steps=1",
-        "train.save_steps=2", "train.save_total_limit=10"]
+FAST = ["data.eval_path=", "data.eval_fraction=0", "eval.metric=none", "train.per_device_train_batch_size=2",
+        "train.logging_steps=1", "train.save_steps=2", "train.save_total_limit=10"]
 GIB = 2**30
 
 
@@ -413,8 +413,8 @@ def test_two_dashboards_and_a_cli_run_take_turns_on_one_device(tmp_path, demo_mo
     first, second = Dashboard(runs), Dashboard(runs)
     names: list[Path] = []
     try:
-        form = form_values(**{"train.max_steps": 300, "data.eval_path": "", "data.eval_fraction": 0, "eval.metric": "none",
-                              "train.per_device_train_batch_size": 2})
+        form = form_values(**{"train.max_steps": 300, "data.eval_path": "", "data.eval_fraction": 0,
+                              "eval.metric": "none", "train.per_device_train_batch_size": 2})
         first.client.predict("demo-lora", "lora", *form, api_name="/start")
         run_a = next(p for p in runs.iterdir() if p.is_dir() and not p.name.startswith("."))
         assert wait_until(lambda: rundir.read_run_status(run_a).state == "training", 300), rundir.log_tail(run_a)
@@ -493,7 +493,8 @@ def timed(board: Dashboard, *args, api_name: str):
     return result, elapsed, rss["peak"]
 
 
-PREVIEW = ("", None, "train", "auto", "", False, "demo", 128)  # source, upload, split, format, columns, skip, model, len
+# source, upload, split, format, columns, skip, model, len
+PREVIEW = ("", None, "train", "auto", "", False, "demo", 128)
 
 
 def test_a_50_mb_row_is_refused_by_line_or_skipped_within_seconds(bounded_board, tmp_path):

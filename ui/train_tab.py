@@ -53,7 +53,8 @@ FORM_GROUPS: dict[str, list[str]] = {
     "Boosters": ["model.attn_implementation", "train.padding_free", "train.packing", "train.packing_strategy",
                  "train.use_liger_kernel"],
     "Task metric": ["eval.metric", "eval.num_samples", "eval.max_new_tokens", "eval.schema_path", "eval.pattern"],
-    "Early stopping": ["train.early_stopping_patience", "train.early_stopping_metric", "train.early_stopping_direction"],
+    "Early stopping": ["train.early_stopping_patience", "train.early_stopping_metric",
+                       "train.early_stopping_direction"],
     "Multi-GPU": ["distributed.strategy", "distributed.num_processes", "distributed.gpu_ids",
                   "distributed.num_machines", "distributed.main_process_ip", "distributed.main_process_port",
                   "distributed.fsdp_sharding_strategy", "distributed.fsdp_auto_wrap_policy",
@@ -454,7 +455,8 @@ def on_resume(ctx: AppContext, choice: str | None) -> str:
 
 
 def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str):
-    """Status every tick; charts only when the run or its files changed (bounded payloads, built once for all viewers)."""
+    """Status every tick; charts only when the run or its files changed (bounded payloads, \
+built once for all viewers)."""
     if choice and choice != WATCH_LATEST:
         try:
             rundir.resolve_run(ctx.runs_dir, choice)

@@ -52,7 +52,8 @@ class FieldSpec:
     """What a field accepts, read from its metadata: the one source for validation and forms.
 
     ``kind``: bool, int, float, number (an int or a ratio), str, modules (a list of names or
-    'all-linear'), list (several of ``choices``; 'none' alone means an empty list) or mapping. ``rule`` is the sentence shown when a value is below range or
+    'all-linear'), list (several of ``choices``; 'none' alone means an empty list) or mapping. \
+``rule`` is the sentence shown when a value is below range or
     of the wrong type ("rank must be a positive integer"); values above ``le`` get their own
     sentence naming the limit.
     """
@@ -127,7 +128,8 @@ class FieldSpec:
         if self.kind == "mapping":
             return None if isinstance(value, dict) else f"must be a mapping of names to values{got}"
         if self.kind == "modules":
-            ok = value == ALL_LINEAR or (isinstance(value, list) and value and all(isinstance(t, str) and t for t in value))
+            ok = value == ALL_LINEAR or (isinstance(value, list) and value
+                                         and all(isinstance(t, str) and t for t in value))
             return None if ok else f"must be 'all-linear' or a non-empty list of module names{got}"
         if self.kind == "list":
             return self._list_problem(value)
@@ -429,7 +431,8 @@ class RunConfig:
     def set_method(self, method: str) -> None:
         """Switch method by setting the fields that define it."""
         if method not in METHODS:
-            raise ConfigError("method", f"'{method}' is not one of {', '.join(METHODS)}{suggest(str(method), METHODS)}.")
+            raise ConfigError("method",
+                              f"'{method}' is not one of {', '.join(METHODS)}{suggest(str(method), METHODS)}.")
         self.lora.use_peft = method != "full"
         self.quant.load_in_4bit = method == "qlora"
         self.quant.load_in_8bit = method == "lora8bit"

@@ -416,7 +416,8 @@ def load_arch(name_or_folder: str) -> ModelArch:
         folder = path if path.is_dir() else path.parent
         return _arch_from_folder(folder, name=path.name)
     if catalog_id:
-        return arch_from_config(catalog_entry(catalog_id), name=catalog_id, source=f"catalog: presets/models/{catalog_id}.json")
+        return arch_from_config(catalog_entry(catalog_id), name=catalog_id,
+                                source=f"catalog: presets/models/{catalog_id}.json")
     if looks_like_hub_id(name):
         resolve_source(name, what="base model")  # raises a sentence when offline and not cached
         try:
@@ -425,7 +426,8 @@ def load_arch(name_or_folder: str) -> ModelArch:
             config_path = hf_hub_download(name, "config.json")
         except Exception as exc:  # network, gated repo, missing file: say which
             raise ModelNotFoundError(f"Could not read config.json of '{name}' from the hub: {exc}") from exc
-        return arch_from_config(json.loads(Path(config_path).read_text(encoding="utf-8")), name=name, source=f"hub: {name}")
+        return arch_from_config(json.loads(Path(config_path).read_text(encoding="utf-8")), name=name,
+                                source=f"hub: {name}")
     raise ModelNotFoundError(
         f"'{name}' is not a catalog model, a local folder or a hub id. Catalog models: {', '.join(catalog_ids())}."
     )

@@ -25,7 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m engine memory",
         description="Predict GPU memory of a fine-tuning step, term by term.",
     )
-    parser.add_argument("--model", help=f"catalog id ({', '.join(catalog_ids())}), a folder with config.json, 'demo' or a hub id")
+    parser.add_argument("--model",
+                        help=f"catalog id ({', '.join(catalog_ids())}), a folder with config.json, 'demo' or a hub id")
     parser.add_argument("--dims", help="instead of --model: hidden,layers,heads,kv_heads,intermediate,vocab")
     parser.add_argument("--method", default="qlora", help="full | lora | qlora | lora8bit")
     # Defaults of None mean "MemorySettings' default" (or the measured comparison's, which trains a short batch).
@@ -48,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="padding-free batches: rows flattened into one sequence (TRL padding_free)")
     parser.add_argument("--packing", action="store_true",
                         help="bfd packing (TRL's default strategy): padding-free rows of --seq-len tokens")
-    parser.add_argument("--liger", action="store_true", help="Liger kernels (RMSNorm, SwiGLU; fused loss with full_logits)")
+    parser.add_argument("--liger", action="store_true",
+                        help="Liger kernels (RMSNorm, SwiGLU; fused loss with full_logits)")
     parser.add_argument("--strategy", default=None, choices=("none", "ddp", "fsdp"),
                         help="several GPUs: ddp (replicated) or fsdp (sharded); the estimate is then per GPU")
     parser.add_argument("--processes", type=int, default=None, help="GPUs (processes) in all, with --strategy")
@@ -56,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                         choices=("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
     parser.add_argument("--fsdp-offload", action="store_true", help="FSDP keeps parameters and optimizer states "
                         "in CPU memory")
-    parser.add_argument("--gpu", default=None, help=f"also report the largest batch and length that fit: {', '.join(GPUS)}")
+    parser.add_argument("--gpu", default=None,
+                        help=f"also report the largest batch and length that fit: {', '.join(GPUS)}")
     parser.add_argument("--json", action="store_true", help="print the estimate as JSON")
     return parser
 

@@ -330,7 +330,8 @@ def trace_plan(arch: ModelArch, s: MemorySettings, targets: list[str] | None = N
 
 
 # ------------------------------------------------------------------------ weights
-def quantized_weight_bytes(arch: ModelArch, method: str, double_quant: bool, block: int = ALLOCATOR_BLOCK) -> tuple[int, int]:
+def quantized_weight_bytes(arch: ModelArch, method: str, double_quant: bool,
+                           block: int = ALLOCATOR_BLOCK) -> tuple[int, int]:
     """(packed data, constants) of the bitsandbytes-quantized block linears.
 
     NF4 packs two weights per byte and keeps one absmax per 64 weights: fp32, or with double
@@ -390,7 +391,8 @@ def parameter_counts(arch: ModelArch, s: MemorySettings) -> dict[str, int]:
 
 
 # ------------------------------------------------------------------------ optimizer
-def optimizer_state_bytes(tensors: list[int], param_bytes: list[int], optimizer: str, embedding_index: int | None = None):
+def optimizer_state_bytes(tensors: list[int], param_bytes: list[int], optimizer: str,
+                          embedding_index: int | None = None):
     """(in allocator, paged) bytes of optimizer states for parameters of these sizes."""
     allocated = paged = 0
     for index, (numel, width) in enumerate(zip(tensors, param_bytes)):
@@ -480,7 +482,8 @@ def estimate(arch: ModelArch, settings: MemorySettings) -> MemoryEstimate:
     autocast_weight_cache = 0
     if s.method == "full" and p.autocast and p.weights != cd:
         autocast_weight_cache = sum(n * cd for n in unquantized_tensors[:1]) + arch.linear_weight_params * cd
-        notes.append("Mixed precision with fp32 master weights: autocast caches a 16-bit copy of every weight per step.")
+        notes.append("Mixed precision with fp32 master weights: "
+                     "autocast caches a 16-bit copy of every weight per step.")
 
     # The moments that can be the peak, each as the terms alive at that moment.
     static = {
@@ -652,7 +655,8 @@ def loss_region_bytes(arch: ModelArch, s: MemorySettings, p: Precision, profile:
         transient += rows * min(vocab, TRL_VOCAB_TILE) * 29  # without Triton the fold runs as torch ops on the tile
     transient += n * h * 4 + n * h * p.weights  # fp32 gradient of the hidden states, and its cast back
     if p.weights != cd:
-        transient += min(vocab, TRL_VOCAB_TILE) * h * cd + rows * h * cd  # weight and hidden tiles cast to compute dtype
+        # weight and hidden tiles cast to compute dtype
+        transient += min(vocab, TRL_VOCAB_TILE) * h * cd + rows * h * cd
     if s.method == "full":
         transient += vocab * h * 4 + vocab * h * p.weights  # fp32 grad of the LM head weight and its cast
     return 0, transient
@@ -681,7 +685,8 @@ def layer_backward_bytes(arch: ModelArch, s: MemorySettings, p: Precision, plan:
         attention = profile.saved_through_attention - scores * cd + 2 * scores * 4
     else:
         # flash backward: an fp32 accumulator for dQ next to dQ, dK, dV
-        attention = profile.saved_through_attention + tokens * arch.q_dim * 4 + tokens * (arch.q_dim + 2 * arch.kv_dim) * cd
+        attention = (profile.saved_through_attention + tokens * arch.q_dim * 4
+                     + tokens * (arch.q_dim + 2 * arch.kv_dim) * cd)
     widest = max(mlp, attention)
     if s.gradient_checkpointing:
         widest = max(widest, profile.recompute_peak)
@@ -707,9 +712,11 @@ def explain_terms(arch, s, p, profile, peak_phase, targets, params) -> dict[str,
     else:
         kept += f" in {width}."
     if s.method == "qlora":
-        packed = f"{params['quantized']:,} block weights packed at 4 bits (two per byte), as bitsandbytes NF4 stores them."
+        packed = (f"{params['quantized']:,} block weights packed at 4 bits (two per byte), "
+                  "as bitsandbytes NF4 stores them.")
         absmax = "one absmax per 64 weights" + (
-            ", itself quantized to 8 bit with one fp32 scale per 256 (double quantization)" if s.double_quant else " in fp32")
+            ", itself quantized to 8 bit with one fp32 scale per 256 (double quantization)"
+            if s.double_quant else " in fp32")
         constants = absmax[0].upper() + absmax[1:] + ", plus the NF4 code book of each weight."
     elif s.method == "lora8bit":
         packed = f"{params['quantized']:,} block weights as int8 (LLM.int8)."
@@ -762,10 +769,13 @@ def explain_terms(arch, s, p, profile, peak_phase, targets, params) -> dict[str,
 
 def _optimizer_sentence(s: MemorySettings) -> str:
     return {
-        "adamw_torch_fused": "AdamW (fused): exp_avg and exp_avg_sq in each trainable weight's dtype, created at the first step.",
-        "adamw_torch": "AdamW (foreach): two states per trainable weight; the step makes one more state-sized temporary.",
+        "adamw_torch_fused": "AdamW (fused): exp_avg and exp_avg_sq in each trainable weight's dtype, "
+                             "created at the first step.",
+        "adamw_torch": "AdamW (foreach): two states per trainable weight; "
+                       "the step makes one more state-sized temporary.",
         "paged_adamw_32bit": "Paged AdamW 32-bit: two fp32 states; tensors under 100k elements stay in the allocator.",
-        "adamw_8bit": "8-bit AdamW: two uint8 states with one fp32 absmax per 256 values (fp32 states under 4096 elements).",
+        "adamw_8bit": "8-bit AdamW: two uint8 states with one fp32 absmax per 256 values "
+                      "(fp32 states under 4096 elements).",
         "paged_adamw_8bit": "Paged 8-bit AdamW: uint8 states, paged from 100k elements.",
         "sgd": "SGD without momentum: no optimizer state.",
     }[s.optimizer]

@@ -179,7 +179,8 @@ def resume_main(argv: list[str]) -> int:
         run_dir = rundir.resolve_run(args.runs_dir, args.run, allow_path=True)
         state = rundir.read_run_status(run_dir).state
         if state not in ("stopped", "interrupted", "failed"):
-            raise rundir.RunError(f"Run '{run_dir.name}' is {state}; only a stopped, interrupted or failed run can resume.")
+            raise rundir.RunError(f"Run '{run_dir.name}' is {state}; "
+                                  "only a stopped, interrupted or failed run can resume.")
         print(f"run {run_dir.name} ({state}):" + rundir.resume_hint(run_dir) + "".join(
             f" {p.name} is incomplete and is not used." for p in rundir.incomplete_checkpoints(run_dir)))
         process = spawn_worker(run_dir, resume=True)
