@@ -12,8 +12,8 @@ Memory is the peak of the process: ``torch.cuda.max_memory_allocated`` on CUDA, 
 peak resident set (``ru_maxrss``); on the CPU the "model" figure also subtracts the
 resident set measured after the imports, i.e. what loading and generating added.
 Tokens per second count a fixed number of new tokens per side (``min_new_tokens`` =
-``max_new_tokens``), fastest of three runs (the one least disturbed by other processes). \
-Target: side-by-side peak <= 1.15 x base-alone peak.
+``max_new_tokens``), fastest of three runs (the one least disturbed by other
+processes). Target: side-by-side peak <= 1.15 x base-alone peak.
 
 Two models: the offline demo model with a LoRA adapter, and a larger random-weight Llama
 config (about 170 M parameters) with a random LoRA adapter (r=16 on all linear layers).

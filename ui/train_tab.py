@@ -455,8 +455,8 @@ def on_resume(ctx: AppContext, choice: str | None) -> str:
 
 
 def on_tick(ctx: AppContext, monitor: Monitor, choice: str | None, last_key: str):
-    """Status every tick; charts only when the run or its files changed (bounded payloads, \
-built once for all viewers)."""
+    """Status every tick; charts only when the run or its files changed (bounded payloads, built
+    once for all viewers)."""
     if choice and choice != WATCH_LATEST:
         try:
             rundir.resolve_run(ctx.runs_dir, choice)

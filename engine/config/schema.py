@@ -52,8 +52,8 @@ class FieldSpec:
     """What a field accepts, read from its metadata: the one source for validation and forms.
 
     ``kind``: bool, int, float, number (an int or a ratio), str, modules (a list of names or
-    'all-linear'), list (several of ``choices``; 'none' alone means an empty list) or mapping. \
-``rule`` is the sentence shown when a value is below range or
+    'all-linear'), list (several of ``choices``; 'none' alone means an empty list) or
+    mapping. ``rule`` is the sentence shown when a value is below range or
     of the wrong type ("rank must be a positive integer"); values above ``le`` get their own
     sentence naming the limit.
     """
