@@ -283,12 +283,21 @@ def wait_gone(run_dir: Path, process: subprocess.Popen, timeout: float = 120) ->
     return code
 
 
+def ddp_config(max_steps: int):
+    """The demo on 2 CPU processes, 4 rows each per step, no checkpoint before a stop asks for one."""
+    return load_preset("demo-lora", SHORT + DDP + [f"train.max_steps={max_steps}",
+                                                   "train.per_device_train_batch_size=4", "train.save_steps=1000"])
+
+
+def start_ddp(tmp_path, name: str, max_steps: int):
+    """A 2-process run started as the dashboard starts it (the launcher in its own session): (run_dir, process)."""
+    run_dir = rundir.create_run(tmp_path, ddp_config(max_steps).validate(), name=name)
+    return run_dir, spawn_worker(run_dir)
+
+
 @pytest.mark.slow
 def test_a_stop_reaches_every_rank_and_resume_continues(demo_model_dir, tmp_path):
-    config = load_preset("demo-lora", SHORT + DDP + ["train.max_steps=40", "train.per_device_train_batch_size=4",
-                                                     "train.save_steps=1000"]).validate()
-    run_dir = rundir.create_run(tmp_path, config, name="stop")
-    process = spawn_worker(run_dir)
+    run_dir, process = start_ddp(tmp_path, "stop", 40)
     try:
         wait_for_ranks(run_dir, 2, step=2)
         assert request_stop(run_dir) == "requested"
@@ -318,9 +327,7 @@ def test_a_forced_stop_through_the_job_manager_ends_every_rank(demo_model_dir, t
     from engine.training.jobs import JobManager
 
     jobs = JobManager(tmp_path, recover=False)
-    config = load_preset("demo-lora", SHORT + DDP + ["train.max_steps=400", "train.per_device_train_batch_size=4",
-                                                     "train.save_steps=1000"])
-    run_dir = jobs.submit(config, name="forced")
+    run_dir = jobs.submit(ddp_config(400), name="forced")
     try:
         assert jobs.active_name() == "forced"  # one job, whatever the processes
         wait_for_ranks(run_dir, 2, step=1)
@@ -337,10 +344,7 @@ def test_a_forced_stop_through_the_job_manager_ends_every_rank(demo_model_dir, t
 
 @pytest.mark.slow
 def test_a_signalled_launcher_ends_every_rank_and_says_so(demo_model_dir, tmp_path):
-    config = load_preset("demo-lora", SHORT + DDP + ["train.max_steps=400", "train.per_device_train_batch_size=4",
-                                                     "train.save_steps=1000"]).validate()
-    run_dir = rundir.create_run(tmp_path, config, name="sigterm")
-    process = spawn_worker(run_dir)
+    run_dir, process = start_ddp(tmp_path, "sigterm", 400)
     try:
         wait_for_ranks(run_dir, 2, step=1)
         os.kill(process.pid, signal.SIGTERM)
@@ -354,10 +358,7 @@ def test_a_signalled_launcher_ends_every_rank_and_says_so(demo_model_dir, tmp_pa
 
 @pytest.mark.slow
 def test_the_death_of_one_rank_fails_the_run_naming_the_rank_and_its_exit(demo_model_dir, tmp_path):
-    config = load_preset("demo-lora", SHORT + DDP + ["train.max_steps=400", "train.per_device_train_batch_size=4",
-                                                     "train.save_steps=1000"]).validate()
-    run_dir = rundir.create_run(tmp_path, config, name="kill")
-    process = spawn_worker(run_dir)
+    run_dir, process = start_ddp(tmp_path, "kill", 400)
     try:
         ranks = wait_for_ranks(run_dir, 2, step=1)
         rank1 = next(p for p in ranks if p.environ().get("RANK") == "1")

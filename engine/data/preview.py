@@ -1,7 +1,7 @@
 """A row as the trainer sees it: the chat template, the token ids and the loss mask.
 
 This mirrors what TRL 1.16's ``SFTTrainer`` does with a conversational dataset under
-``SFTConfig(assistant_only_loss=True, max_length=N)`` (``trl/trainer/sft_trainer.py``,
+``SFTConfig`` with ``assistant_only_loss=True, max_length=N`` (``trl/trainer/sft_trainer.py``,
 ``__init__`` and ``_prepare_dataset``):
 
 1. the template: the tokenizer's own if it has ``{% generation %}`` markers, otherwise

@@ -1,6 +1,6 @@
 """Experiment trackers inside the run directory: where each writes, how to open it, and a guard.
 
-transformers' own integrations do the reporting (``SFTConfig(report_to=...)``, built in
+transformers' own integrations do the reporting (``SFTConfig.report_to``, built in
 engine.config.build); they read where to write from environment variables, which the worker
 sets here before the trainer exists: TensorBoard event files in ``<run>/tensorboard``, an
 MLflow file store in ``<run>/mlruns``, Trackio's local database in ``<run>/trackio``, W&B in
