@@ -159,6 +159,26 @@ def test_vllm_bundle_of_a_release(promoted):
 
 
 @pytest.mark.slow
+def test_a_bundle_that_fails_midway_leaves_the_last_good_one(promoted, monkeypatch):
+    """A bundle is made in a staging folder: a failure (here the disk, while writing bundle.json) removes it and
+    leaves the bundle made before untouched; nothing half-made stands under serving/."""
+    from engine.releases import bundles
+
+    version = store.resolve_version(promoted[0], "extract", "v2")
+    good = Path(bundles.vllm_bundle(version, log=lambda *_: None)["path"])
+    before = (good / "bundle.json").read_text()
+
+    def full_disk(path, data):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(bundles.rundir, "write_json_atomic", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        bundles.vllm_bundle(version, log=lambda *_: None)
+    assert sorted(p.name for p in good.parent.iterdir()) == ["vllm"]  # no .staging-* folder left
+    assert (good / "bundle.json").read_text() == before
+
+
+@pytest.mark.slow
 def test_gguf_bundle_verified_in_llama_cpp(promoted):
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is optional: pip install -r requirements-gguf.txt")
     from engine.releases.bundles import gguf_bundle

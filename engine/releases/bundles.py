@@ -42,6 +42,7 @@ import tarfile
 import tempfile
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from engine.releases.store import ReleaseError, Version, verify_version
@@ -63,19 +64,23 @@ class BundleError(ReleaseError):
     """A serving bundle cannot be made or did not verify; the message says why."""
 
 
-def _serving_dir(version: Version, kind: str) -> tuple[Path, Path]:
-    """(final folder, fresh staging folder) inside the version: nothing is written outside the releases folder."""
+@contextmanager
+def _staged_bundle(version: Version, kind: str):
+    """(final folder, fresh staging folder) inside the version, so nothing is written outside the releases folder;
+    the staging folder replaces the final one when the block ends, and is removed when the block fails, so a
+    half-made bundle never stands under the final name."""
     root = version.path / "serving"
     root.mkdir(exist_ok=True)
-    staging = root / f".staging-{kind}-{uuid.uuid4().hex[:8]}"
+    staging, target = root / f".staging-{kind}-{uuid.uuid4().hex[:8]}", root / kind
     staging.mkdir()
-    return root / kind, staging
-
-
-def _into_place(staging: Path, target: Path) -> None:
-    if target.exists():
-        shutil.rmtree(target)
-    os.replace(staging, target)
+    try:
+        yield target, staging
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def _base_ref(version: Version) -> tuple[str, str | None]:
@@ -133,8 +138,7 @@ def vllm_bundle(version: Version, log=print) -> dict:
     problems = vllm_problems(adapter_config)
     if problems:
         raise BundleError(f"{version.label} cannot be served by vLLM as a LoRA: " + " ".join(problems))
-    target, staging = _serving_dir(version, "vllm")
-    try:
+    with _staged_bundle(version, "vllm") as (target, staging):
         lora_name = f"{version.name}-v{version.version}"
         adapter = staging / "adapter" / lora_name
         adapter.mkdir(parents=True)
@@ -167,10 +171,6 @@ def vllm_bundle(version: Version, log=print) -> dict:
                 "not_checked": "vLLM itself is not run here (it needs a GPU); the chat template is the base's, which "
                                "vLLM applies from the base folder."}
         rundir.write_json_atomic(staging / "bundle.json", info)
-        _into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"vLLM bundle: {target}\n  {info['command']}")
     return {**info, "path": str(target)}
 
@@ -347,8 +347,7 @@ def gguf_bundle(version: Version, log=print) -> dict:
         raise BundleError(f"Run '{run_dir.name}' no longer holds the adapter of {version.label} (its weights' sha256 "
                           "changed since the release): a GGUF made now would not be this release.")
     converter = converter_dir(log)
-    target, staging = _serving_dir(version, "gguf")
-    try:
+    with _staged_bundle(version, "gguf") as (target, staging):
         from engine.export.exporter import export_run
 
         log(f"Merging {version.label} into its base (engine.export, verified) as fp16 safetensors.")
@@ -396,9 +395,5 @@ def gguf_bundle(version: Version, log=print) -> dict:
                 "files": {r["file"]: {"sha256": file_sha256(staging / r["file"])[0], "bytes": r["bytes"]}
                           for r in results}, "verification": results}
         rundir.write_json_atomic(staging / "bundle.json", info)
-        _into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     log(f"GGUF bundle: {target}")
     return {**info, "path": str(target)}
