@@ -16,6 +16,7 @@ from typing import Any
 
 import plotly.graph_objects as go
 
+from engine.config.schema import FSDP_SHARDING
 from engine.errors import LoraLabError
 from engine.memory.arch import ModelArch, arch_from_numbers, catalog_ids, load_arch
 from engine.memory.estimator import (
@@ -540,7 +541,7 @@ def build(ctx) -> None:
                 strategy = gr.Radio([("one GPU", "none"), ("DDP (replicated)", "ddp"), ("FSDP (sharded)", "fsdp")],
                                     value="none", label="strategy")
                 processes = gr.Number(1, label="GPUs (processes) in all", precision=0, minimum=1)
-                fsdp_sharding = gr.Dropdown(["FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"],
+                fsdp_sharding = gr.Dropdown(list(FSDP_SHARDING),
                                             value="FULL_SHARD", label="FSDP sharding")
                 fsdp_offload = gr.Checkbox(False, label="FSDP CPU offload (parameters and optimizer states)")
             gpu = gr.Dropdown(list(GPUS), value=DEFAULT_GPU, label="GPU")

@@ -7,6 +7,7 @@ import json
 import sys
 from dataclasses import replace
 
+from engine.config.schema import FSDP_SHARDING
 from engine.errors import ConfigError, LoraLabError
 from engine.memory.arch import arch_from_numbers, catalog_ids, load_arch
 from engine.memory.estimator import (
@@ -55,7 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="several GPUs: ddp (replicated) or fsdp (sharded); the estimate is then per GPU")
     parser.add_argument("--processes", type=int, default=None, help="GPUs (processes) in all, with --strategy")
     parser.add_argument("--fsdp-sharding", default=None,
-                        choices=("FULL_SHARD", "SHARD_GRAD_OP", "HYBRID_SHARD", "NO_SHARD"))
+                        choices=FSDP_SHARDING)
     parser.add_argument("--fsdp-offload", action="store_true", help="FSDP keeps parameters and optimizer states "
                         "in CPU memory")
     parser.add_argument("--gpu", default=None,
